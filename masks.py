@@ -1,0 +1,58 @@
+"""Turning per-object mask logits into label maps, and label maps into coloured overlays."""
+
+from __future__ import annotations
+
+import colorsys
+
+import cv2
+import numpy as np
+import torch
+
+OVERLAY_ALPHA = 0.5
+
+
+def _make_palette() -> np.ndarray:
+    # Distinct, stable colours: golden-ratio hue steps; id 0 (background) is black.
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for obj_id in range(1, 256):
+        h = ((obj_id - 1) * 0.618033988749895 + 0.02) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(h, 0.85, 1.0)
+        palette[obj_id] = (int(r * 255), int(g * 255), int(b * 255))
+    return palette
+
+
+PALETTE = _make_palette()
+
+
+def color_of(obj_id: int) -> str:
+    r, g, b = PALETTE[obj_id]
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def label_map(video_res_masks: torch.Tensor, obj_ids: list[int]) -> np.ndarray:
+    """Per-object logits (N,1,H,W) -> uint8 HxW, pixel = obj_id where its logit is > 0 and highest."""
+    logits = video_res_masks[:, 0]
+    best_val, best_idx = logits.max(dim=0)
+    ids = torch.tensor(obj_ids, dtype=torch.uint8, device=logits.device)
+    labels = torch.where(best_val > 0, ids[best_idx], torch.zeros((), dtype=torch.uint8,
+                                                                  device=logits.device))
+    return labels.cpu().numpy()
+
+
+def areas(labels: np.ndarray) -> dict[int, int]:
+    counts = np.bincount(labels.ravel(), minlength=256)
+    return {int(i): int(counts[i]) for i in np.flatnonzero(counts[1:]) + 1}
+
+
+def overlay(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Blend each object's colour over the frame and outline it."""
+    fg = labels > 0
+    if not fg.any():
+        return rgb
+    colours = PALETTE[labels]
+    blended = cv2.addWeighted(rgb, 1 - OVERLAY_ALPHA, colours, OVERLAY_ALPHA, 0)
+    out = np.where(fg[..., None], blended, rgb)
+    kernel = np.ones((3, 3), np.uint8)
+    edges = cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, kernel) > 0
+    out[edges] = PALETTE[cv2.dilate(labels, kernel)[edges]]
+    return out

@@ -1,0 +1,159 @@
+"""Meta's SAM2VideoPredictor, built once, fed frames lazily, reporting scores and filling holes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import sam2.sam2_video_predictor as _sam2_vp
+from sam2.build_sam import build_sam2_video_predictor
+from sam2.sam2_video_predictor import SAM2VideoPredictor
+from sam2.utils.misc import _load_img_as_tensor
+
+logger = logging.getLogger(__name__)
+
+# propagate_in_video draws its own tqdm bar on stderr for every call; the server reports progress
+# through jobs and the CLI draws its own bar, so silence sam2's.
+_sam2_vp.tqdm = lambda iterable, *args, **kwargs: iterable
+
+IMG_MEAN = (0.485, 0.456, 0.406)
+IMG_STD = (0.229, 0.224, 0.225)
+
+
+class TrackingPredictor(SAM2VideoPredictor):
+    """SAM2VideoPredictor that keeps the predicted IoU and fills small holes without ``sam2._C``.
+
+    ``track_step`` drops the mask decoder's IoU prediction; we capture it per thread (sessions may
+    run model calls concurrently) and store it next to ``object_score_logits`` in each output.
+    Meta's hole filling needs the CUDA extension, which a ``SAM2_BUILD_CUDA=0`` install lacks, so
+    ``fill_hole_area`` is switched off in the model and done here with OpenCV instead.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hole_area = 0
+        self._tls = threading.local()
+
+    def _forward_sam_heads(self, backbone_features, point_inputs=None, mask_inputs=None,
+                           high_res_features=None, multimask_output=False):
+        out = super()._forward_sam_heads(backbone_features, point_inputs, mask_inputs,
+                                         high_res_features, multimask_output)
+        ious = out[2]
+        self._tls.iou = ious.max(dim=-1).values if multimask_output else ious[:, 0]
+        return out
+
+    def _run_single_frame_inference(self, *args, **kwargs):
+        self._tls.iou = None
+        compact, pred_masks_gpu = super()._run_single_frame_inference(*args, **kwargs)
+        if self.hole_area > 0:
+            pred_masks_gpu = fill_small_holes(pred_masks_gpu, self.hole_area)
+            storage = compact["pred_masks"].device
+            compact["pred_masks"] = pred_masks_gpu.to(storage, non_blocking=True)
+        iou = self._tls.iou
+        compact["iou"] = iou.float() if iou is not None else None
+        return compact, pred_masks_gpu
+
+
+def fill_small_holes(mask_logits: torch.Tensor, max_area: int) -> torch.Tensor:
+    """Set background components of at most ``max_area`` pixels to 0.1 (like sam2's CUDA kernel)."""
+    holes = (mask_logits <= 0).to("cpu", torch.uint8).numpy()
+    fill = np.zeros(holes.shape, dtype=bool)
+    for idx in np.ndindex(holes.shape[:-2]):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(holes[idx], connectivity=8)
+        small = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] <= max_area) + 1
+        if small.size:
+            fill[idx] = np.isin(labels, small)
+    if not fill.any():
+        return mask_logits
+    return torch.where(torch.from_numpy(fill).to(mask_logits.device), 0.1, mask_logits)
+
+
+class LazyFrames:
+    """The ``images`` of an inference state: frame i is read from its JPEG when the model asks.
+
+    Item i is made exactly as sam2's ``load_video_frames_from_jpg_images`` makes it (PIL resize,
+    float32, then normalised), so masks equal the stock ``init_state`` on the same JPEGs.
+    """
+
+    def __init__(self, num_frames: int, image_size: int, frame_path: Callable[[int], Path]):
+        self.num_frames = num_frames
+        self.image_size = image_size
+        self.frame_path = frame_path
+        self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def __getitem__(self, frame_idx: int) -> torch.Tensor:
+        img, _, _ = _load_img_as_tensor(str(self.frame_path(frame_idx)), self.image_size)
+        img = img.to(torch.float32)
+        img -= self._mean
+        img /= self._std
+        return img
+
+
+def new_inference_state(predictor: SAM2VideoPredictor, images, video_height: int,
+                        video_width: int) -> dict:
+    """The dict ``init_state`` builds, without loading every frame or encoding frame 0."""
+    device = predictor.device
+    return {
+        "images": images,
+        "num_frames": len(images),
+        "offload_video_to_cpu": True,
+        "offload_state_to_cpu": False,
+        "video_height": video_height,
+        "video_width": video_width,
+        "device": device,
+        "storage_device": device,
+        "point_inputs_per_obj": {},
+        "mask_inputs_per_obj": {},
+        "cached_features": {},
+        "constants": {},
+        "obj_id_to_idx": OrderedDict(),
+        "obj_idx_to_id": OrderedDict(),
+        "obj_ids": [],
+        "output_dict_per_obj": {},
+        "temp_output_dict_per_obj": {},
+        "frames_tracked_per_obj": {},
+    }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("SAM2_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
+                    image_size: int | None, fill_hole_area: int) -> TrackingPredictor:
+    """Build Meta's video predictor with the overrides this server relies on."""
+    overrides = [
+        f"++model._target_={TrackingPredictor.__module__}.{TrackingPredictor.__qualname__}",
+        # A click on an already-tracked frame must become a conditioning frame, or the next
+        # propagation recomputes the correction away (sam2 #719, #731).
+        "++model.add_all_frames_to_correct_as_cond=true",
+    ]
+    if image_size is not None:
+        overrides.append(f"++model.image_size={image_size}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    predictor = build_sam2_video_predictor(
+        config_file, str(checkpoint), device=str(device), hydra_overrides_extra=overrides
+    )
+    predictor.fill_hole_area = 0  # Meta's version needs sam2._C; ours runs in TrackingPredictor
+    predictor.hole_area = fill_hole_area
+    return predictor

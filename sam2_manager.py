@@ -1,0 +1,850 @@
+"""Sessions and the model: prompts, propagation and exports on Meta's SAM 2 video predictor.
+
+No web framework here: the manager raises domain exceptions that ``main.py`` maps to HTTP codes,
+and the CLI drives the same manager directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+import masks as mask_ops
+from checkpoints import ensure_checkpoint
+from config import Settings
+from jobs import Job, JobCancelled, JobRunner, Progress
+from predictor import LazyFrames, build_predictor, new_inference_state, resolve_device
+from video_io import (
+    FrameExtractor,
+    VideoInfo,
+    VideoUnreadable,
+    atomic_write_bytes,
+    encode_mp4,
+    probe,
+    read_rgb,
+    write_jpeg,
+    write_png,
+)
+
+logger = logging.getLogger(__name__)
+
+Direction = Literal["forward", "backward", "both"]
+MAX_OBJ_ID = 255
+MAX_POINTS = 256
+MANIFEST_NAME = "session.json"
+
+
+# ----------------------------------------------------------------------------- errors
+class ManagerError(Exception):
+    """Base of the errors a client can cause; ``code`` names it in the JSON error."""
+
+    code = "error"
+    expected = True  # not logged as a crash when it ends a job
+
+
+class SessionNotFound(ManagerError):
+    code = "session_not_found"
+
+
+class SessionBusy(ManagerError):
+    code = "session_busy"
+
+
+class TooManySessions(ManagerError):
+    code = "too_many_sessions"
+
+
+class InvalidPrompt(ManagerError):
+    code = "invalid_prompt"
+
+
+class InvalidRequest(ManagerError):
+    code = "invalid_request"
+
+
+class FrameOutOfRange(ManagerError):
+    code = "frame_out_of_range"
+
+
+class ObjectNotFound(ManagerError):
+    code = "object_not_found"
+
+
+class NoPrompts(ManagerError):
+    code = "no_prompts"
+
+
+class MaskNotFound(ManagerError):
+    code = "mask_not_found"
+
+
+class NoMasks(ManagerError):
+    code = "no_masks"
+
+
+class ModelNotReady(ManagerError):
+    code = "model_not_ready"
+
+
+class FrameNotReady(ManagerError):
+    code = "frame_not_ready"
+
+
+class VideoInvalid(ManagerError):
+    code = "video_unreadable"
+
+
+# ----------------------------------------------------------------------------- session
+@dataclass
+class PromptRecord:
+    """What the model currently holds for one object on one frame."""
+
+    points: list[list[float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    box: list[float] | None = None
+    mask: bool = False  # a mask prompt (add_new_mask); excludes points and box
+
+    def as_dict(self) -> dict:
+        return {"points": self.points, "labels": self.labels, "box": self.box, "mask": self.mask}
+
+
+@dataclass
+class Session:
+    id: str
+    dir: Path
+    upload_path: Path
+    filename: str
+    info: VideoInfo
+    extractor: FrameExtractor
+    created_at: float = field(default_factory=time.time)
+    last_access: float = field(default_factory=time.time)
+    # Held for the whole of any model call, propagation or export on this session.
+    work_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Guards the bookkeeping below, which readers snapshot while work runs.
+    meta_lock: threading.RLock = field(default_factory=threading.RLock)
+    state: dict | None = None
+    prompts: dict[int, dict[int, PromptRecord]] = field(default_factory=dict)
+    objects: dict[int, dict] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    mask_frames: set[int] = field(default_factory=set)
+    scores: dict[int, dict[int, dict]] = field(default_factory=dict)
+    propagations: list[dict] = field(default_factory=list)
+    busy_with: str | None = None
+
+    @property
+    def frames_dir(self) -> Path:
+        return self.dir / "frames"
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.dir / "masks"
+
+    @property
+    def overlays_dir(self) -> Path:
+        return self.dir / "overlays"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST_NAME
+
+    @property
+    def export_path(self) -> Path:
+        return self.dir / "output_video.mp4"
+
+    def mask_path(self, frame_idx: int) -> Path:
+        return self.masks_dir / f"{frame_idx:05d}.png"
+
+    def overlay_path(self, frame_idx: int) -> Path:
+        return self.overlays_dir / f"{frame_idx:05d}.jpg"
+
+    def has_prompts(self) -> bool:
+        return any(self.prompts.values())
+
+
+def _free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- manager
+class SAM2Manager:
+    """Owns the predictor and every open session."""
+
+    def __init__(self, settings: Settings, predictor: Any = None):
+        self.settings = settings
+        self.sessions: dict[str, Session] = {}
+        self._sessions_lock = threading.Lock()
+        self.predictor = predictor
+        self.model_status = "ready" if predictor is not None else "not_loaded"
+        self.model_detail: str | None = None
+        self.download: dict | None = None
+        self.jobs = JobRunner()
+        self._writer = ThreadPoolExecutor(settings.writer_threads, thread_name_prefix="writer")
+        settings.upload_dir.mkdir(parents=True, exist_ok=True)
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- model ---------------------------------------------------------------------------
+    def load_model(self) -> None:
+        """Download the checkpoint if needed and build the predictor; errors end in ``health``."""
+        s = self.settings
+        try:
+            if not s.checkpoint_path.is_file():
+                self.model_status = "downloading"
+            path = ensure_checkpoint(s, progress=self._on_download)
+            self.model_status = "loading"
+            device = resolve_device(s.device)
+            t0 = time.perf_counter()
+            self.predictor = build_predictor(
+                s.model_config_file, path, device, s.image_size, s.fill_hole_area
+            )
+            logger.info("SAM 2 %s loaded on %s in %.1fs", s.model, device,
+                        time.perf_counter() - t0)
+            self.model_status = "ready"
+            self.model_detail = None
+        except Exception as exc:  # surfaced by /health; the server keeps serving files
+            logger.error("model not loaded: %s", exc)
+            self.model_status = "error"
+            self.model_detail = str(exc)
+
+    def _on_download(self, done: int, total: int | None) -> None:
+        self.download = {"bytes": done, "total_bytes": total}
+
+    @property
+    def ready(self) -> bool:
+        return self.predictor is not None and self.model_status == "ready"
+
+    def health(self) -> dict:
+        s = self.settings
+        detail = self.model_detail
+        if self.model_status == "downloading":
+            detail = f"downloading {s.checkpoint_download_url} to {s.checkpoint_path}"
+        elif self.model_status in ("loading", "not_loaded"):
+            detail = "the model is loading"
+        return {
+            "status": "ok" if self.ready else "unavailable",
+            "model": s.model,
+            "model_status": self.model_status,
+            "detail": detail,
+            "download": self.download,
+            "checkpoint": str(s.checkpoint_path),
+            "device": str(self.predictor.device) if self.predictor is not None else s.device,
+            "image_size": self.predictor.image_size if self.predictor is not None else s.image_size,
+            "sessions": len(self.sessions),
+            "max_sessions": s.max_sessions,
+        }
+
+    def _require_model(self):
+        if not self.ready:
+            raise ModelNotReady(
+                f"the model is not usable yet ({self.model_status}"
+                + (f": {self.model_detail}" if self.model_detail else "")
+                + "); see GET /health"
+            )
+        return self.predictor
+
+    @contextlib.contextmanager
+    def _model_ctx(self):
+        # inference_mode and autocast are per thread: entered here, in the thread doing the work.
+        with torch.inference_mode():
+            if self.predictor is not None and self.predictor.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    yield
+            else:
+                yield
+
+    # -- sessions --------------------------------------------------------------------------
+    def new_session_id(self) -> str:
+        return str(uuid.uuid4())
+
+    def check_capacity(self) -> None:
+        if len(self.sessions) >= self.settings.max_sessions:
+            raise TooManySessions(
+                f"{len(self.sessions)} sessions are open (SAM2_MAX_SESSIONS="
+                f"{self.settings.max_sessions}); delete one with DELETE /session/{{id}} or wait "
+                f"for idle ones to expire"
+            )
+
+    def upload_path_for(self, session_id: str, filename: str | None) -> Path:
+        suffix = Path(filename or "").suffix.lower()
+        if not (suffix[1:].isalnum() and 1 < len(suffix) <= 6):
+            suffix = ".bin"
+        folder = self.settings.upload_dir / session_id
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"video{suffix}"
+
+    def create_session(self, session_id: str, video_path: Path, filename: str) -> Session:
+        """Probe the stored upload, start writing its frames, return once frame 0 is on disk."""
+        s = self.settings
+        session_dir = s.output_dir / session_id
+        try:
+            self.check_capacity()
+            info = probe(video_path, max_frames=s.max_frames)
+            for sub in ("frames", "masks", "overlays"):
+                (session_dir / sub).mkdir(parents=True, exist_ok=True)
+            extractor = FrameExtractor(video_path, session_dir / "frames", info, s.jpeg_quality)
+            extractor.start()
+            try:
+                extractor.wait_for(0, s.frame_wait_timeout_s)
+            except (RuntimeError, TimeoutError) as exc:
+                extractor.stop()
+                raise VideoUnreadable(f"the first frame cannot be decoded ({exc})") from exc
+        except VideoUnreadable as exc:
+            shutil.rmtree(session_dir, ignore_errors=True)
+            shutil.rmtree(video_path.parent, ignore_errors=True)
+            raise VideoInvalid(f"{exc}; upload a video file FFmpeg can decode "
+                               f"(mp4, mov, webm, mkv, avi...)") from exc
+        except BaseException:
+            shutil.rmtree(session_dir, ignore_errors=True)
+            shutil.rmtree(video_path.parent, ignore_errors=True)
+            raise
+        session = Session(id=session_id, dir=session_dir, upload_path=video_path,
+                          filename=Path(filename or "video").name, info=info, extractor=extractor)
+        with self._sessions_lock:
+            self.sessions[session_id] = session
+        self._save_manifest(session)
+        logger.info("session %s: %s, %d frames %dx%d @ %.3f fps", session_id, session.filename,
+                    info.num_frames, info.width, info.height, float(info.fps))
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id}; upload a video to start one")
+        session.last_access = time.time()
+        return session
+
+    @contextlib.contextmanager
+    def _working(self, session: Session, what: str):
+        if not session.work_lock.acquire(timeout=self.settings.session_lock_timeout_s):
+            raise SessionBusy(
+                f"session {session.id} is busy ({session.busy_with}); wait for it to finish or "
+                f"cancel its job"
+            )
+        session.busy_with = what
+        try:
+            yield
+        finally:
+            session.busy_with = None
+            session.last_access = time.time()
+            session.work_lock.release()
+
+    def close_session(self, session_id: str, delete_files: bool) -> None:
+        session = self.get(session_id)
+        for job in self.jobs.for_session(session_id):
+            job.cancel_event.set()
+        with self._working(session, "closing"):
+            with self._sessions_lock:
+                self.sessions.pop(session_id, None)
+            session.extractor.stop()
+            session.state = None
+        _free_device_memory()
+        if delete_files:
+            shutil.rmtree(session.dir, ignore_errors=True)
+            shutil.rmtree(session.upload_path.parent, ignore_errors=True)
+        logger.info("session %s closed%s", session_id, " and deleted" if delete_files else "")
+
+    def cleanup_expired(self, now: float | None = None) -> list[str]:
+        """Close sessions idle longer than the TTL (their files stay on disk)."""
+        now = time.time() if now is None else now
+        expired = [
+            sid for sid, sess in list(self.sessions.items())
+            if now - sess.last_access > self.settings.session_ttl_s and not sess.work_lock.locked()
+        ]
+        for sid in expired:
+            with contextlib.suppress(SessionNotFound, SessionBusy):
+                self.close_session(sid, delete_files=False)
+        return expired
+
+    def shutdown(self) -> None:
+        for sid in list(self.sessions):
+            with contextlib.suppress(ManagerError):
+                self.close_session(sid, delete_files=False)
+        self._writer.shutdown(wait=True)
+        self.predictor = None
+        _free_device_memory()
+
+    # -- frames ----------------------------------------------------------------------------
+    def check_frame(self, session: Session, frame_idx: int) -> None:
+        n = session.info.num_frames
+        if not 0 <= frame_idx < n:
+            raise FrameOutOfRange(f"frame {frame_idx} is out of range: the video has frames "
+                                  f"0..{n - 1}")
+
+    def frame_path(self, session: Session, frame_idx: int) -> Path:
+        """Path of the frame's JPEG, waiting while the background decoder gets there."""
+        self.check_frame(session, frame_idx)
+        try:
+            return session.extractor.wait_for(frame_idx, self.settings.frame_wait_timeout_s)
+        except TimeoutError as exc:
+            raise FrameNotReady(f"{exc}; try again shortly") from exc
+        except RuntimeError as exc:
+            raise VideoInvalid(str(exc)) from exc
+
+    def overlay_path(self, session: Session, frame_idx: int) -> Path:
+        self.check_frame(session, frame_idx)
+        with session.meta_lock:
+            has_mask = frame_idx in session.mask_frames
+        return session.overlay_path(frame_idx) if has_mask else self.frame_path(session, frame_idx)
+
+    def mask_path(self, session: Session, frame_idx: int) -> Path:
+        self.check_frame(session, frame_idx)
+        with session.meta_lock:
+            has_mask = frame_idx in session.mask_frames
+        if not has_mask:
+            raise MaskNotFound(f"frame {frame_idx} has no mask yet: annotate it or propagate "
+                               f"over it first")
+        return session.mask_path(frame_idx)
+
+    def _state(self, session: Session) -> dict:
+        predictor = self._require_model()
+        if session.state is None:
+            images = LazyFrames(session.info.num_frames, predictor.image_size,
+                                lambda i: self.frame_path(session, i))
+            session.state = new_inference_state(predictor, images, session.info.height,
+                                                session.info.width)
+        return session.state
+
+    # -- prompts ---------------------------------------------------------------------------
+    def _validate_prompt(self, session: Session, frame_idx: int, obj_id: int,
+                         points: list[list[float]], labels: list[int], box: list[float] | None,
+                         mask: np.ndarray | None) -> None:
+        # Everything is checked before the predictor sees it: a failed call with a new obj_id
+        # would leave an object without prompts, which breaks every later propagation.
+        self.check_frame(session, frame_idx)
+        if not 1 <= obj_id <= MAX_OBJ_ID:
+            raise InvalidPrompt(f"obj_id must be between 1 and {MAX_OBJ_ID}, got {obj_id}")
+        w, h = session.info.width, session.info.height
+        if len(points) != len(labels):
+            raise InvalidPrompt(f"{len(points)} points but {len(labels)} labels")
+        if len(points) > MAX_POINTS:
+            raise InvalidPrompt(f"at most {MAX_POINTS} points per request")
+        for i, (pt, label) in enumerate(zip(points, labels, strict=True)):
+            x, y = pt
+            if not (0 <= x <= w and 0 <= y <= h):
+                raise InvalidPrompt(f"point {i} ({x}, {y}) lies outside the {w}x{h} frame")
+            if label not in (0, 1):
+                raise InvalidPrompt(f"point {i} has label {label}; use 1 (include) or 0 (exclude)")
+        if box is not None:
+            x0, y0, x1, y1 = box
+            if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+                raise InvalidPrompt(f"box {box} must satisfy 0 <= x0 < x1 <= {w} and "
+                                    f"0 <= y0 < y1 <= {h}")
+        if mask is not None:
+            if mask.shape != (h, w):
+                raise InvalidPrompt(f"mask is {mask.shape[1]}x{mask.shape[0]}, the video is {w}x{h}")
+            if points or box is not None:
+                raise InvalidPrompt("a mask prompt cannot be combined with points or a box")
+        if not points and box is None and mask is None:
+            raise InvalidPrompt("give at least one point, a box or a mask")
+
+    def add_prompt(self, session_id: str, frame_idx: int, obj_id: int = 1,
+                   points: list[list[float]] | None = None, labels: list[int] | None = None,
+                   box: list[float] | None = None, mask: np.ndarray | None = None,
+                   append: bool = False) -> dict:
+        """Prompt one object on one frame; ``append`` keeps the frame's earlier points (refine)."""
+        session = self.get(session_id)
+        points = [[float(x), float(y)] for x, y in (points or [])]
+        labels = [int(v) for v in (labels or [])]
+        self._validate_prompt(session, frame_idx, obj_id, points, labels, box, mask)
+        with self._working(session, "prompt"):
+            predictor = self._require_model()
+            state = self._state(session)
+            old = session.prompts.get(obj_id, {}).get(frame_idx)
+            if mask is not None:
+                record = PromptRecord(mask=True)
+            elif append and old is not None and not old.mask:
+                record = PromptRecord(points=old.points + points, labels=old.labels + labels,
+                                      box=box if box is not None else old.box)
+            else:
+                record = PromptRecord(points=points, labels=labels, box=box)
+            is_new_obj = obj_id not in state["obj_id_to_idx"]
+            try:
+                with self._model_ctx():
+                    if record.mask:
+                        _, obj_ids, video_masks = predictor.add_new_mask(
+                            state, frame_idx, obj_id, torch.from_numpy(mask > 0))
+                    else:
+                        # The whole record is resent with clear_old_points: identical point inputs
+                        # to an appending call, and it lets a box join existing points.
+                        _, obj_ids, video_masks = predictor.add_new_points_or_box(
+                            state, frame_idx, obj_id,
+                            points=np.array(record.points, np.float32).reshape(-1, 2),
+                            labels=np.array(record.labels, np.int32),
+                            box=record.box, clear_old_points=True, normalize_coords=True)
+                    labels_map = mask_ops.label_map(video_masks, obj_ids)
+                    frame_scores = self._frame_scores(state, frame_idx, temp=True)
+            except Exception:
+                if is_new_obj and obj_id in state["obj_id_to_idx"]:
+                    with self._model_ctx():
+                        predictor.remove_object(state, obj_id, need_output=False)
+                raise
+            self._write_frame(session, frame_idx, labels_map)
+            with session.meta_lock:
+                session.prompts.setdefault(obj_id, {})[frame_idx] = record
+                session.objects.setdefault(obj_id, {"obj_id": obj_id,
+                                                    "color": mask_ops.color_of(obj_id)})
+                session.mask_frames.add(frame_idx)
+                session.scores[frame_idx] = frame_scores
+                session.history.append({
+                    "seq": len(session.history) + 1,
+                    "action": "mask" if record.mask else ("refine" if append else "annotate"),
+                    "frame_idx": frame_idx, "obj_id": obj_id, "points": points,
+                    "labels": labels, "box": box, "mask": mask is not None, "at": time.time(),
+                })
+            self._save_manifest(session)
+        return self._frame_result(session, frame_idx, labels_map, frame_scores)
+
+    def clear_prompts(self, session_id: str, obj_id: int, frame_idx: int) -> dict:
+        """Remove one object's prompts on one frame (removing the object if none remain)."""
+        session = self.get(session_id)
+        self.check_frame(session, frame_idx)
+        with self._working(session, "prompt"):
+            if frame_idx not in session.prompts.get(obj_id, {}):
+                raise InvalidPrompt(f"object {obj_id} has no prompts on frame {frame_idx}")
+            if len(session.prompts[obj_id]) == 1:
+                # An object left without any prompted frame makes every propagation raise.
+                return self._remove_object_locked(session, obj_id) | {"object_removed": True}
+            predictor = self._require_model()
+            state = self._state(session)
+            with self._model_ctx():
+                _, obj_ids, video_masks = predictor.clear_all_prompts_in_frame(
+                    state, frame_idx, obj_id)
+                labels_map = mask_ops.label_map(video_masks, obj_ids)
+                frame_scores = self._frame_scores(state, frame_idx, temp=True)
+            self._write_frame(session, frame_idx, labels_map)
+            with session.meta_lock:
+                del session.prompts[obj_id][frame_idx]
+                session.scores[frame_idx] = frame_scores
+                session.history.append({"seq": len(session.history) + 1, "action": "clear",
+                                        "frame_idx": frame_idx, "obj_id": obj_id,
+                                        "at": time.time()})
+            self._save_manifest(session)
+        return self._frame_result(session, frame_idx, labels_map, frame_scores) | {
+            "object_removed": False}
+
+    def remove_object(self, session_id: str, obj_id: int) -> dict:
+        session = self.get(session_id)
+        with self._working(session, "prompt"):
+            return self._remove_object_locked(session, obj_id)
+
+    def _remove_object_locked(self, session: Session, obj_id: int) -> dict:
+        if obj_id not in session.objects:
+            raise ObjectNotFound(f"session has no object {obj_id}; objects: "
+                                 f"{sorted(session.objects)}")
+        predictor = self._require_model()
+        state = self._state(session)
+        with self._model_ctx():
+            predictor.remove_object(state, obj_id, need_output=False)
+        with session.meta_lock:
+            session.prompts.pop(obj_id, None)
+            session.objects.pop(obj_id, None)
+            frames = sorted(session.mask_frames)
+            for per_obj in session.scores.values():
+                per_obj.pop(obj_id, None)
+            session.history.append({"seq": len(session.history) + 1, "action": "remove_object",
+                                    "obj_id": obj_id, "at": time.time()})
+        # Its pixel value goes from every mask; where it covered another object, that object's
+        # pixels come back only with a new propagation.
+        self._run_writes(session, frames, lambda f: self._erase_object(session, f, obj_id))
+        self._save_manifest(session)
+        return {"session_id": session.id, "obj_id": obj_id, "removed": True,
+                "frames_rewritten": len(frames), "objects": sorted(session.objects)}
+
+    def reset(self, session_id: str) -> dict:
+        """Drop every prompt, object and mask of the session; the video stays."""
+        session = self.get(session_id)
+        with self._working(session, "prompt"):
+            if session.state is not None and self.predictor is not None:
+                with self._model_ctx():
+                    self.predictor.reset_state(session.state)
+            with session.meta_lock:
+                frames = sorted(session.mask_frames)
+                session.prompts.clear()
+                session.objects.clear()
+                session.mask_frames.clear()
+                session.scores.clear()
+                session.history.append({"seq": len(session.history) + 1, "action": "reset",
+                                        "at": time.time()})
+            for f in frames:
+                session.mask_path(f).unlink(missing_ok=True)
+                session.overlay_path(f).unlink(missing_ok=True)
+            session.export_path.unlink(missing_ok=True)
+            self._save_manifest(session)
+        _free_device_memory()
+        return {"session_id": session.id, "reset": True, "masks_deleted": len(frames)}
+
+    # -- propagation -----------------------------------------------------------------------
+    def plan_propagation(self, session: Session, start_frame: int, end_frame: int | None,
+                         direction: Direction | None, max_frames: int | None
+                         ) -> list[tuple[bool, int, int]]:
+        """Validate a propagation request; return passes as (reverse, first, last) frames."""
+        n = session.info.num_frames
+        self.check_frame(session, start_frame)
+        if end_frame is not None and max_frames is not None:
+            raise InvalidRequest("give end_frame or max_frames, not both")
+        if end_frame is not None:
+            end = min(max(end_frame, 0), n - 1)
+            implied = "backward" if end < start_frame else "forward"
+            if direction not in (None, implied):
+                raise InvalidRequest(f"end_frame {end_frame} lies {implied} of start_frame "
+                                     f"{start_frame} but direction is {direction}")
+            return [(implied == "backward", start_frame, end)]
+        direction = direction or "forward"
+        span = n if max_frames is None else max_frames
+        passes = []
+        if direction in ("forward", "both"):
+            passes.append((False, start_frame, min(start_frame + span, n - 1)))
+        if direction in ("backward", "both"):
+            passes.append((True, start_frame, max(start_frame - span, 0)))
+        return passes
+
+    def propagate(self, session_id: str, start_frame: int, end_frame: int | None = None,
+                  direction: Direction | None = None, max_frames: int | None = None,
+                  progress: Progress | None = None) -> dict:
+        """Track every object from ``start_frame`` over the range, writing masks and overlays."""
+        session = self.get(session_id)
+        passes = self.plan_propagation(session, start_frame, end_frame, direction, max_frames)
+        progress = progress or Progress()
+        with self._working(session, "propagation"):
+            predictor = self._require_model()
+            if not session.has_prompts():
+                raise NoPrompts("nothing to propagate: add points, a box or a mask on a frame "
+                                "first (POST /annotate-frame)")
+            state = self._state(session)
+            total = sum(abs(last - first) + 1 for _, first, last in passes)
+            written: list[int] = []
+            t0 = time.perf_counter()
+            last_save = t0
+            record = {"start_frame": start_frame, "passes": [], "at": time.time()}
+            pending: deque[Future] = deque()
+            try:
+                for reverse, first, last in passes:
+                    record["passes"].append({"direction": "backward" if reverse else "forward",
+                                             "from": first, "to": last})
+                    if reverse and first == 0:
+                        continue  # sam2 does not track backwards from frame 0
+                    gen = predictor.propagate_in_video(
+                        state, start_frame_idx=first, max_frame_num_to_track=abs(last - first),
+                        reverse=reverse)
+                    with contextlib.closing(gen), self._model_ctx():
+                        for frame_idx, obj_ids, video_masks in gen:
+                            labels_map = mask_ops.label_map(video_masks, obj_ids)
+                            scores = self._frame_scores(state, frame_idx, temp=False)
+                            pending.append(self._writer.submit(
+                                self._write_frame, session, frame_idx, labels_map))
+                            while len(pending) > 2 * self.settings.writer_threads + 2:
+                                pending.popleft().result()
+                            with session.meta_lock:
+                                session.mask_frames.add(frame_idx)
+                                session.scores[frame_idx] = scores
+                            written.append(frame_idx)
+                            if time.perf_counter() - last_save > 5:
+                                last_save = time.perf_counter()
+                                self._save_manifest(session)
+                            progress.update(frame_idx, len(written), total)
+            except JobCancelled:
+                self._finish_propagation(session, record, written, pending, t0, cancelled=True)
+                raise JobCancelled(self._propagation_result(session, record, written, t0, True))
+            except BaseException:
+                self._finish_propagation(session, record, written, pending, t0, cancelled=True)
+                raise
+            self._finish_propagation(session, record, written, pending, t0, cancelled=False)
+            return self._propagation_result(session, record, written, t0, False)
+
+    def _finish_propagation(self, session: Session, record: dict, written: list[int],
+                            pending: deque[Future], t0: float, cancelled: bool) -> None:
+        for fut in pending:
+            fut.result()
+        record.update(frames=len(written), cancelled=cancelled,
+                      first_frame=min(written) if written else None,
+                      last_frame=max(written) if written else None,
+                      seconds=round(time.perf_counter() - t0, 3))
+        with session.meta_lock:
+            session.propagations.append(record)
+        self._save_manifest(session)
+
+    def _propagation_result(self, session: Session, record: dict, written: list[int], t0: float,
+                            cancelled: bool) -> dict:
+        elapsed = time.perf_counter() - t0
+        unique = sorted(set(written))
+        passes = record["passes"]
+        return {
+            "session_id": session.id,
+            "start_frame": record["start_frame"],
+            "end_frame": passes[0]["to"] if len(passes) == 1 else None,
+            "direction": passes[0]["direction"] if len(passes) == 1 else "both",
+            "passes": passes,
+            "frames_processed": len(unique),
+            "first_frame": unique[0] if unique else None,
+            "last_frame": unique[-1] if unique else None,
+            "cancelled": cancelled,
+            "seconds": round(elapsed, 3),
+            "fps": round(len(written) / elapsed, 3) if elapsed > 0 else None,
+            "objects": sorted(session.objects),
+        }
+
+    def start_propagation_job(self, session_id: str, **kwargs) -> Job:
+        session = self.get(session_id)
+        self.plan_propagation(session, kwargs["start_frame"], kwargs.get("end_frame"),
+                              kwargs.get("direction"), kwargs.get("max_frames"))
+        if not session.has_prompts():
+            raise NoPrompts("nothing to propagate: add points, a box or a mask on a frame first")
+        job = Job(kind="propagate", session_id=session.id)
+        return self.jobs.start(job, lambda p: self.propagate(session_id, progress=p, **kwargs))
+
+    # -- outputs ---------------------------------------------------------------------------
+    def _frame_scores(self, state: dict, frame_idx: int, temp: bool) -> dict[int, dict]:
+        """Object score logit and predicted IoU of each object on the frame, where it has output."""
+        found = []
+        for obj_idx, obj_id in enumerate(state["obj_ids"]):
+            out = None
+            if temp:
+                temp_dict = state["temp_output_dict_per_obj"][obj_idx]
+                out = (temp_dict["cond_frame_outputs"].get(frame_idx)
+                       or temp_dict["non_cond_frame_outputs"].get(frame_idx))
+            if out is None:
+                obj_dict = state["output_dict_per_obj"][obj_idx]
+                out = (obj_dict["cond_frame_outputs"].get(frame_idx)
+                       or obj_dict["non_cond_frame_outputs"].get(frame_idx))
+            if out is not None:
+                found.append((obj_id, out))
+        if not found:
+            return {}
+        # One device->host copy for the whole frame.
+        values = torch.stack([
+            torch.stack([out["object_score_logits"].reshape(()).float(),
+                         (out.get("iou") if out.get("iou") is not None
+                          else torch.tensor(float("nan"), device=out["object_score_logits"].device)
+                          ).reshape(()).float()])
+            for _, out in found]).cpu().tolist()
+        return {
+            obj_id: {"object_score": round(score, 4),
+                     "iou": None if iou != iou else round(iou, 4),
+                     "visible": score > 0}
+            for (obj_id, _), (score, iou) in zip(found, values, strict=True)
+        }
+
+    def _write_frame(self, session: Session, frame_idx: int, labels_map: np.ndarray) -> None:
+        write_png(session.mask_path(frame_idx), labels_map)
+        rgb = read_rgb(self.frame_path(session, frame_idx))
+        write_jpeg(session.overlay_path(frame_idx), mask_ops.overlay(rgb, labels_map),
+                   self.settings.jpeg_quality)
+
+    def _erase_object(self, session: Session, frame_idx: int, obj_id: int) -> None:
+        import cv2
+
+        labels_map = cv2.imread(str(session.mask_path(frame_idx)), cv2.IMREAD_UNCHANGED)
+        if labels_map is None or not (labels_map == obj_id).any():
+            return
+        labels_map[labels_map == obj_id] = 0
+        self._write_frame(session, frame_idx, labels_map)
+
+    def _run_writes(self, session: Session, frames: list[int], fn) -> None:
+        for fut in [self._writer.submit(fn, f) for f in frames]:
+            fut.result()
+
+    def _frame_result(self, session: Session, frame_idx: int, labels_map: np.ndarray,
+                      frame_scores: dict) -> dict:
+        return {
+            "session_id": session.id,
+            "frame_idx": frame_idx,
+            "obj_ids": sorted(session.objects),
+            "mask_area": mask_ops.areas(labels_map),
+            "scores": frame_scores,
+        }
+
+    def read_label_map(self, session: Session, frame_idx: int) -> np.ndarray:
+        import cv2
+
+        labels_map = cv2.imread(str(session.mask_path(frame_idx)), cv2.IMREAD_UNCHANGED)
+        if labels_map is None:
+            raise MaskNotFound(f"mask of frame {frame_idx} is missing on disk")
+        return labels_map
+
+    def export_range(self, session: Session, start_frame: int | None,
+                     end_frame: int | None) -> tuple[int, int]:
+        n = session.info.num_frames
+        first = 0 if start_frame is None else start_frame
+        last = n - 1 if end_frame is None else min(end_frame, n - 1)
+        self.check_frame(session, first)
+        if last < first:
+            raise InvalidRequest(f"end_frame {end_frame} is before start_frame {first}")
+        return first, last
+
+    def export_overlay_video(self, session_id: str, start_frame: int | None = None,
+                             end_frame: int | None = None,
+                             progress: Progress | None = None) -> Path:
+        """Write ``output_video.mp4``: every frame of the range, overlaid where a mask exists."""
+        session = self.get(session_id)
+        first, last = self.export_range(session, start_frame, end_frame)
+        progress = progress or Progress()
+        with self._working(session, "export"):
+            with session.meta_lock:
+                mask_frames = set(session.mask_frames)
+            if not mask_frames:
+                raise NoMasks("no masks to export yet: annotate a frame and propagate first")
+            total = last - first + 1
+
+            def frames():
+                for i, frame_idx in enumerate(range(first, last + 1)):
+                    path = (session.overlay_path(frame_idx) if frame_idx in mask_frames
+                            else self.frame_path(session, frame_idx))
+                    yield read_rgb(path)
+                    progress.update(frame_idx, i + 1, total)
+
+            out = session.export_path
+            if (first, last) != (0, session.info.num_frames - 1):
+                out = session.dir / f"output_video_{first:05d}-{last:05d}.mp4"
+            encode_mp4(out, frames(), session.info.fps, session.info.width, session.info.height)
+        return out
+
+    # -- manifest --------------------------------------------------------------------------
+    def describe(self, session_id: str) -> dict:
+        return self._manifest(self.get(session_id))
+
+    def _manifest(self, session: Session) -> dict:
+        with session.meta_lock:
+            return {
+                "session_id": session.id,
+                "filename": session.filename,
+                "created_at": session.created_at,
+                "last_access": session.last_access,
+                "busy_with": session.busy_with,
+                "video": session.info.as_dict() | {
+                    "frames_decoded": session.extractor.written,
+                    "frames_padded": session.extractor.padded,
+                },
+                "model": {"name": self.settings.model, "image_size": self.predictor.image_size
+                          if self.predictor is not None else self.settings.image_size},
+                "objects": [
+                    obj | {"prompted_frames": sorted(session.prompts.get(oid, {}))}
+                    for oid, obj in sorted(session.objects.items())
+                ],
+                "prompts": [dict(h) for h in session.history],
+                "current_prompts": {
+                    str(oid): {str(f): rec.as_dict() for f, rec in sorted(per_frame.items())}
+                    for oid, per_frame in sorted(session.prompts.items())
+                },
+                "mask_frames": sorted(session.mask_frames),
+                "num_mask_frames": len(session.mask_frames),
+                "scores": {str(f): {str(o): v for o, v in per.items()}
+                           for f, per in sorted(session.scores.items())},
+                "propagations": [dict(p) for p in session.propagations],
+            }
+
+    def _save_manifest(self, session: Session) -> None:
+        data = json.dumps(self._manifest(session), indent=1).encode()
+        atomic_write_bytes(session.manifest_path, data)

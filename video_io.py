@@ -1,0 +1,256 @@
+"""Video probing, background decoding to JPEG frames, and H.264 encoding (PyAV + OpenCV)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class VideoUnreadable(ValueError):
+    """The upload is not a video FFmpeg can decode (or has no frames)."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    width: int  # as displayed, i.e. after rotation
+    height: int
+    fps: Fraction
+    codec: str
+    container: str
+    rotation: int  # counter-clockwise degrees applied to the decoded frames
+
+    @property
+    def fps_float(self) -> float:
+        return float(self.fps)
+
+    def as_dict(self) -> dict:
+        return {
+            "num_frames": self.num_frames,
+            "width": self.width,
+            "height": self.height,
+            "fps": round(float(self.fps), 6),
+            "fps_rational": f"{self.fps.numerator}/{self.fps.denominator}",
+            "codec": self.codec,
+            "container": self.container,
+            "rotation": self.rotation,
+            "duration_s": round(self.num_frames / float(self.fps), 6),
+        }
+
+
+def _rotate(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    k = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k=k)) if k else rgb
+
+
+def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction:
+    for rate in (stream.average_rate, stream.base_rate, stream.guessed_rate):
+        if rate and rate > 0:
+            return Fraction(rate.numerator, rate.denominator).limit_denominator(1_000_000)
+    return Fraction(30)
+
+
+def probe(path: Path, max_frames: int | None = None) -> VideoInfo:
+    """Read the container's video stream: frame count (by demuxing), size, rotation, exact fps."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoUnreadable("the file has no video stream")
+            stream = container.streams.video[0]
+            first = None
+            for frame in container.decode(stream):
+                first = frame
+                break
+            if first is None:
+                raise VideoUnreadable("the video stream has no decodable frame")
+            rotation = int(getattr(first, "rotation", 0) or 0) % 360
+            container.seek(0)
+            count = 0
+            for packet in container.demux(stream):
+                if packet.size:
+                    count += 1
+                    if max_frames is not None and count > max_frames:
+                        raise VideoUnreadable(f"the video has more than {max_frames} frames")
+            width, height = first.width, first.height
+            if rotation in (90, 270):
+                width, height = height, width
+            return VideoInfo(
+                num_frames=max(count, 1),
+                width=width,
+                height=height,
+                fps=_frame_rate(stream),
+                codec=stream.codec_context.name,
+                container=container.format.name,
+                rotation=rotation,
+            )
+    except VideoUnreadable:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+        reason = getattr(exc, "strerror", None) or exc.__class__.__name__
+        raise VideoUnreadable(f"not a readable video ({reason})") from exc
+
+
+def iter_rgb_frames(path: Path, rotation: int) -> Iterable[np.ndarray]:
+    """Decode every frame as an RGB array, rotated for display. Stops quietly at a corrupt tail."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                yield _rotate(frame.to_ndarray(format="rgb24"), rotation)
+        except (av.FFmpegError, OSError) as exc:
+            logger.warning("decoding %s stopped early: %s", path, exc)
+
+
+def write_jpeg(path: Path, rgb: np.ndarray, quality: int) -> None:
+    """Encode an RGB array to JPEG, written atomically."""
+    ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise OSError(f"JPEG encoding failed for {path}")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError(f"PNG encoding failed for {path}")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise OSError(f"cannot read image {path}")
+    return bgr[..., ::-1]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class FrameExtractor:
+    """Writes ``frames/{i:05d}.jpg`` in a background thread; readers wait for the frame they need."""
+
+    def __init__(self, video_path: Path, frames_dir: Path, info: VideoInfo, jpeg_quality: int):
+        self.video_path = video_path
+        self.frames_dir = frames_dir
+        self.info = info
+        self.jpeg_quality = jpeg_quality
+        self.written = 0
+        self.padded = 0  # frames the container announced but the decoder could not produce
+        self.error: str | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="frame-extractor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def done(self) -> bool:
+        return self.written >= self.info.num_frames or self.error is not None
+
+    def frame_path(self, frame_idx: int) -> Path:
+        return self.frames_dir / f"{frame_idx:05d}.jpg"
+
+    def wait_for(self, frame_idx: int, timeout: float) -> Path:
+        """Block until frame ``frame_idx`` is on disk; raise TimeoutError or RuntimeError otherwise."""
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: self.written > frame_idx or self.error is not None, timeout=timeout
+            )
+        if self.written > frame_idx:
+            return self.frame_path(frame_idx)
+        if self.error is not None:
+            raise RuntimeError(f"frame extraction failed: {self.error}")
+        assert not ok
+        raise TimeoutError(f"frame {frame_idx} is still being decoded")
+
+    def _publish(self, count: int) -> None:
+        with self._cond:
+            self.written = count
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        n = self.info.num_frames
+        last: np.ndarray | None = None
+        i = 0
+        try:
+            for rgb in iter_rgb_frames(self.video_path, self.info.rotation):
+                if i >= n or self._stop.is_set():
+                    break
+                if rgb.shape[:2] != (self.info.height, self.info.width):
+                    # Mid-stream resolution change: keep every frame at the announced size.
+                    rgb = cv2.resize(rgb, (self.info.width, self.info.height))
+                write_jpeg(self.frame_path(i), rgb, self.jpeg_quality)
+                last = rgb
+                i += 1
+                self._publish(i)
+            if i < n and not self._stop.is_set():
+                if last is None:
+                    raise VideoUnreadable("no frame could be decoded")
+                # A damaged tail: repeat the last good frame so indices stay valid.
+                self.padded = n - i
+                logger.warning("%s: %d announced frames undecodable; repeating the last one",
+                               self.video_path.name, self.padded)
+                while i < n and not self._stop.is_set():
+                    write_jpeg(self.frame_path(i), last, self.jpeg_quality)
+                    i += 1
+                    self._publish(i)
+        except Exception as exc:  # reported to waiting readers
+            logger.exception("frame extraction failed for %s", self.video_path)
+            with self._cond:
+                self.error = str(exc)
+                self._cond.notify_all()
+
+
+def encode_mp4(
+    out_path: Path, frames: Iterable[np.ndarray], fps: Fraction, width: int, height: int,
+    crf: int = 18,
+) -> int:
+    """Encode RGB frames to a browser-playable MP4 (H.264, yuv420p, faststart). Returns frames written.
+
+    yuv420p needs even dimensions: an odd width or height is padded by one edge pixel.
+    """
+    enc_w, enc_h = width + (width % 2), height + (height % 2)
+    tmp = out_path.with_name(f".{out_path.stem}.{threading.get_ident()}.tmp.mp4")
+    count = 0
+    try:
+        with av.open(str(tmp), "w", options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height = enc_w, enc_h
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "veryfast"}
+            for rgb in frames:
+                if (enc_w, enc_h) != (width, height):
+                    rgb = np.pad(rgb, ((0, enc_h - height), (0, enc_w - width), (0, 0)), mode="edge")
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                frame.pts = count
+                frame.time_base = 1 / fps
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+                count += 1
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
