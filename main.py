@@ -24,9 +24,11 @@ from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import exports
 from config import Settings, get_settings
 from jobs import Job
 from sam2_manager import (
+    ExportNotFound,
     FrameNotReady,
     InvalidPrompt,
     InvalidRequest,
@@ -52,6 +54,7 @@ STATUS_OF: dict[type[ManagerError], int] = {
     SessionNotFound: 404,
     MaskNotFound: 404,
     ObjectNotFound: 404,
+    ExportNotFound: 404,
     FrameOutOfRange: 404,
     SessionBusy: 409,
     NoPrompts: 409,
@@ -171,6 +174,16 @@ class UploadResponse(BaseModel):
     rotation: int
     duration_s: float
     frame_url: str
+
+
+ExportFormatName = Literal[tuple(exports.FORMATS)]  # type: ignore[valid-type]
+
+
+class ExportRequest(BaseModel):
+    format: ExportFormatName = Field("overlay_mp4", description="See GET /export")
+    start_frame: int | None = Field(None, ge=0)
+    end_frame: int | None = Field(None, ge=0)
+    polygons: bool = False
 
 
 class ClearPromptsRequest(BaseModel):
@@ -396,13 +409,37 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         return manager.propagate(session.id, **kwargs)
 
     @app.get("/export/{session_id}", response_class=FileResponse,
-             responses={**ERRORS, 200: {"content": {"video/mp4": {}}}}, tags=["export"])
+             responses={**ERRORS, 200: {"content": {f.media_type: {} for f in
+                                                     exports.FORMATS.values()}}},
+             tags=["export"])
     def export(session: SessionDep, manager: ManagerDep,
+               format: Annotated[ExportFormatName, Query(
+                   description="; ".join(f"{f.name}: {f.description}"
+                                         for f in exports.FORMATS.values()))] = "overlay_mp4",
                start_frame: Annotated[int | None, Query(ge=0)] = None,
-               end_frame: Annotated[int | None, Query(ge=0)] = None):
-        """MP4 (H.264, yuv420p, faststart) of the video with overlays where masks exist."""
-        path = manager.export_overlay_video(session.id, start_frame, end_frame)
-        return FileResponse(path, media_type="video/mp4", filename=f"{session.id}_{path.name}")
+               end_frame: Annotated[int | None, Query(ge=0)] = None,
+               polygons: Annotated[bool, Query(description="coco_json: add polygons")] = False):
+        """Export the session (blocking). Default: the overlay MP4 (H.264, yuv420p, faststart)."""
+        path = manager.export(session.id, format, start_frame, end_frame, polygons)
+        return FileResponse(path, media_type=exports.FORMATS[format].media_type,
+                            filename=f"{session.id}_{path.name}")
+
+    @app.post("/export/{session_id}", status_code=202, response_model=JobResponse,
+              responses=ERRORS, tags=["export"])
+    def export_job(session: SessionDep, body: ExportRequest, manager: ManagerDep):
+        """Start an export as a job; its result has the `download_url`."""
+        job = manager.start_export_job(session.id, body.format, body.start_frame,
+                                       body.end_frame, body.polygons)
+        return JSONResponse(status_code=202, content=_job_response(job))
+
+    @app.get("/exports/{session_id}/{name}", response_class=FileResponse, responses=ERRORS,
+             tags=["export"])
+    def download_export(session: SessionDep, name: str, manager: ManagerDep):
+        """Download a file an export job wrote."""
+        path = manager.export_file(session.id, name)
+        media = next((f.media_type for f in exports.FORMATS.values()
+                      if path.suffix == f".{f.extension}"), "application/octet-stream")
+        return FileResponse(path, media_type=media, filename=f"{session.id}_{path.name}")
 
     @app.get("/session/{session_id}", tags=["session"], responses=ERRORS)
     def get_session_info(session: SessionDep, manager: ManagerDep):

@@ -51,6 +51,7 @@ class TrackingPredictor(SAM2VideoPredictor):
     def _run_single_frame_inference(self, *args, **kwargs):
         self._tls.iou = None
         compact, pred_masks_gpu = super()._run_single_frame_inference(*args, **kwargs)
+        compact["maskmem_features"] = self._memory_dtype(compact["maskmem_features"])
         if self.hole_area > 0:
             pred_masks_gpu = fill_small_holes(pred_masks_gpu, self.hole_area)
             storage = compact["pred_masks"].device
@@ -58,6 +59,20 @@ class TrackingPredictor(SAM2VideoPredictor):
         iou = self._tls.iou
         compact["iou"] = iou.float() if iou is not None else None
         return compact, pred_masks_gpu
+
+
+    def _run_memory_encoder(self, *args, **kwargs):
+        features, pos_enc = super()._run_memory_encoder(*args, **kwargs)
+        return self._memory_dtype(features), pos_enc
+
+    def _memory_dtype(self, features: torch.Tensor | None) -> torch.Tensor | None:
+        # sam2 stores memories in bf16. Under CUDA autocast that is fine, but on the CPU a frame
+        # whose memories are all bf16 (no object pointer to promote the concatenation, e.g. an
+        # object first prompted after the frame being tracked) reaches a float32 Linear and
+        # raises a dtype error. Widening bf16 -> float32 is exact, so masks do not change.
+        if features is not None and features.device.type == "cpu":
+            return features.float()
+        return features
 
 
 def fill_small_holes(mask_logits: torch.Tensor, max_area: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+import exports
 import masks as mask_ops
 from checkpoints import ensure_checkpoint
 from config import Settings
@@ -32,7 +33,6 @@ from video_io import (
     VideoInfo,
     VideoUnreadable,
     atomic_write_bytes,
-    encode_mp4,
     probe,
     read_rgb,
     write_jpeg,
@@ -103,6 +103,10 @@ class FrameNotReady(ManagerError):
     code = "frame_not_ready"
 
 
+class ExportNotFound(ManagerError):
+    code = "export_not_found"
+
+
 class VideoInvalid(ManagerError):
     code = "video_unreadable"
 
@@ -159,6 +163,10 @@ class Session:
     @property
     def manifest_path(self) -> Path:
         return self.dir / MANIFEST_NAME
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.dir / "exports"
 
     @property
     def export_path(self) -> Path:
@@ -784,32 +792,70 @@ class SAM2Manager:
             raise InvalidRequest(f"end_frame {end_frame} is before start_frame {first}")
         return first, last
 
-    def export_overlay_video(self, session_id: str, start_frame: int | None = None,
-                             end_frame: int | None = None,
-                             progress: Progress | None = None) -> Path:
-        """Write ``output_video.mp4``: every frame of the range, overlaid where a mask exists."""
+    def export(self, session_id: str, fmt: str = "overlay_mp4", start_frame: int | None = None,
+               end_frame: int | None = None, polygons: bool = False,
+               progress: Progress | None = None) -> Path:
+        """Write an export of the session over a frame range; return its path."""
         session = self.get(session_id)
+        if fmt not in exports.FORMATS:
+            raise InvalidRequest(f"unknown export format {fmt!r}; use one of "
+                                 f"{', '.join(exports.FORMATS)}")
         first, last = self.export_range(session, start_frame, end_frame)
         progress = progress or Progress()
         with self._working(session, "export"):
             with session.meta_lock:
                 mask_frames = set(session.mask_frames)
+                scores = {f: dict(v) for f, v in session.scores.items()}
+                objects = dict(session.objects)
             if not mask_frames:
                 raise NoMasks("no masks to export yet: annotate a frame and propagate first")
-            total = last - first + 1
-
-            def frames():
-                for i, frame_idx in enumerate(range(first, last + 1)):
-                    path = (session.overlay_path(frame_idx) if frame_idx in mask_frames
-                            else self.frame_path(session, frame_idx))
-                    yield read_rgb(path)
-                    progress.update(frame_idx, i + 1, total)
-
-            out = session.export_path
-            if (first, last) != (0, session.info.num_frames - 1):
-                out = session.dir / f"output_video_{first:05d}-{last:05d}.mp4"
-            encode_mp4(out, frames(), session.info.fps, session.info.width, session.info.height)
+            whole = (first, last) == (0, session.info.num_frames - 1)
+            if fmt == "overlay_mp4" and whole:
+                out = session.export_path  # the seed's outputs/{id}/output_video.mp4
+            else:
+                session.exports_dir.mkdir(exist_ok=True)
+                ext = exports.FORMATS[fmt].extension
+                out = session.exports_dir / f"{fmt}_{first:05d}-{last:05d}.{ext}"
+            src = exports.ExportSource(
+                first=first, last=last, width=session.info.width, height=session.info.height,
+                fps=session.info.fps, mask_frames=mask_frames,
+                frame_rgb=lambda f: read_rgb(self.frame_path(session, f)),
+                overlay_rgb=lambda f: read_rgb(session.overlay_path(f)),
+                label_map=lambda f: self.read_label_map(session, f),
+                objects=objects, scores=scores,
+                report=lambda f, done, total: progress.update(f, done, total))
+            exports.write_export(fmt, out, src, polygons=polygons)
         return out
+
+    def export_file(self, session_id: str, name: str) -> Path:
+        """A file written by an earlier export of the session, by its bare name."""
+        session = self.get(session_id)
+        candidates = {session.export_path.name: session.export_path}
+        if session.exports_dir.is_dir():
+            candidates |= {p.name: p for p in session.exports_dir.iterdir()
+                           if p.is_file() and not p.name.startswith(".")}
+        path = candidates.get(name)
+        if path is None:
+            raise ExportNotFound(f"no export named {name!r} in session {session.id}")
+        return path
+
+    def start_export_job(self, session_id: str, fmt: str, start_frame: int | None,
+                         end_frame: int | None, polygons: bool) -> Job:
+        session = self.get(session_id)
+        if fmt not in exports.FORMATS:
+            raise InvalidRequest(f"unknown export format {fmt!r}; use one of "
+                                 f"{', '.join(exports.FORMATS)}")
+        self.export_range(session, start_frame, end_frame)
+        if not session.mask_frames:
+            raise NoMasks("no masks to export yet: annotate a frame and propagate first")
+        job = Job(kind="export", session_id=session.id)
+
+        def work(progress: Progress) -> dict:
+            path = self.export(session_id, fmt, start_frame, end_frame, polygons, progress)
+            return {"format": fmt, "file": path.name, "bytes": path.stat().st_size,
+                    "download_url": f"/exports/{session_id}/{path.name}"}
+
+        return self.jobs.start(job, work)
 
     # -- manifest --------------------------------------------------------------------------
     def describe(self, session_id: str) -> dict:

@@ -222,27 +222,31 @@ class FrameExtractor:
                 self._cond.notify_all()
 
 
-def encode_mp4(
+def encode_video(
     out_path: Path, frames: Iterable[np.ndarray], fps: Fraction, width: int, height: int,
-    crf: int = 18,
+    codec: str = "libx264", pix_fmt: str = "yuv420p", options: dict | None = None,
+    container_options: dict | None = None, even_size: bool = True,
 ) -> int:
-    """Encode RGB frames to a browser-playable MP4 (H.264, yuv420p, faststart). Returns frames written.
+    """Encode RGB (HxWx3) or RGBA (HxWx4) frames at an exact rational fps; returns frames written.
 
-    yuv420p needs even dimensions: an odd width or height is padded by one edge pixel.
+    With ``even_size`` (needed by yuv420p H.264) an odd width or height is padded by one edge
+    pixel. The file appears at ``out_path`` only once complete.
     """
-    enc_w, enc_h = width + (width % 2), height + (height % 2)
-    tmp = out_path.with_name(f".{out_path.stem}.{threading.get_ident()}.tmp.mp4")
+    enc_w, enc_h = (width + width % 2, height + height % 2) if even_size else (width, height)
+    tmp = out_path.with_name(f".{out_path.stem}.{threading.get_ident()}.tmp{out_path.suffix}")
     count = 0
     try:
-        with av.open(str(tmp), "w", options={"movflags": "+faststart"}) as container:
-            stream = container.add_stream("libx264", rate=fps)
+        with av.open(str(tmp), "w", options=container_options or {}) as container:
+            stream = container.add_stream(codec, rate=fps)
             stream.width, stream.height = enc_w, enc_h
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "veryfast"}
-            for rgb in frames:
+            stream.pix_fmt = pix_fmt
+            stream.options = options or {}
+            for img in frames:
                 if (enc_w, enc_h) != (width, height):
-                    rgb = np.pad(rgb, ((0, enc_h - height), (0, enc_w - width), (0, 0)), mode="edge")
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                    img = np.pad(img, ((0, enc_h - height), (0, enc_w - width), (0, 0)),
+                                 mode="edge")
+                fmt = "rgba" if img.shape[2] == 4 else "rgb24"
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format=fmt)
                 frame.pts = count
                 frame.time_base = 1 / fps
                 for packet in stream.encode(frame):
@@ -254,3 +258,10 @@ def encode_mp4(
     finally:
         tmp.unlink(missing_ok=True)
     return count
+
+
+def encode_mp4(out_path: Path, frames: Iterable[np.ndarray], fps: Fraction, width: int,
+               height: int, crf: int = 18) -> int:
+    """Browser-playable MP4: H.264, yuv420p, moov atom first (faststart)."""
+    return encode_video(out_path, frames, fps, width, height, "libx264", "yuv420p",
+                        {"crf": str(crf), "preset": "veryfast"}, {"movflags": "+faststart"})

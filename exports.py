@@ -1,0 +1,207 @@
+"""Export formats: overlay/mask videos, alpha cut-outs, PNG mask ZIPs and COCO RLE JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+import masks as mask_ops
+from video_io import encode_mp4, encode_video, read_rgb
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    extension: str
+    media_type: str
+    description: str
+
+
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
+    ExportFormat("overlay_mp4", "mp4", "video/mp4",
+                 "The video with every object's mask in its colour (H.264, plays in browsers)"),
+    ExportFormat("mask_mp4", "mp4", "video/mp4",
+                 "Masks only, each object in its colour on black (H.264)"),
+    ExportFormat("mask_bw_mp4", "mp4", "video/mp4",
+                 "Masks only, white (any object) on black (H.264)"),
+    ExportFormat("cutout_webm", "webm", "video/webm",
+                 "The objects cut out, background transparent (VP9 with alpha, lossless)"),
+    ExportFormat("cutout_mov", "mov", "video/quicktime",
+                 "The objects cut out, background transparent (ProRes 4444 with alpha)"),
+    ExportFormat("masks_zip", "zip", "application/zip",
+                 "One 8-bit PNG per frame with a mask: pixel = obj_id, 0 = background"),
+    ExportFormat("coco_json", "json", "application/json",
+                 "COCO annotations: one image per frame, RLE mask per object (pycocotools)"),
+)}
+
+
+@dataclass
+class ExportSource:
+    """What an export reads: frames, label maps and facts of one session, over a frame range."""
+
+    first: int
+    last: int
+    width: int
+    height: int
+    fps: Fraction
+    mask_frames: set[int]
+    frame_rgb: Callable[[int], np.ndarray]
+    overlay_rgb: Callable[[int], np.ndarray]
+    label_map: Callable[[int], np.ndarray]
+    objects: dict[int, dict]
+    scores: dict[int, dict[int, dict]]
+    report: Callable[[int, int, int], None]
+
+    @property
+    def frames(self) -> range:
+        return range(self.first, self.last + 1)
+
+    def labels_or_empty(self, frame_idx: int) -> np.ndarray:
+        if frame_idx in self.mask_frames:
+            return self.label_map(frame_idx)
+        return np.zeros((self.height, self.width), np.uint8)
+
+    def each(self, make: Callable[[int], object]) -> Iterator:
+        total = len(self.frames)
+        for i, frame_idx in enumerate(self.frames):
+            yield make(frame_idx)
+            self.report(frame_idx, i + 1, total)
+
+
+def write_export(fmt: str, out: Path, src: ExportSource, polygons: bool = False) -> Path:
+    """Write the export ``fmt`` of ``src`` to ``out`` (atomically); return ``out``."""
+    size = (src.fps, src.width, src.height)
+    if fmt == "overlay_mp4":
+        encode_mp4(out, src.each(lambda f: src.overlay_rgb(f) if f in src.mask_frames
+                                 else src.frame_rgb(f)), *size)
+    elif fmt == "mask_mp4":
+        encode_mp4(out, src.each(lambda f: mask_ops.PALETTE[src.labels_or_empty(f)]), *size)
+    elif fmt == "mask_bw_mp4":
+        encode_mp4(out, src.each(lambda f: np.repeat(
+            ((src.labels_or_empty(f) > 0) * 255).astype(np.uint8)[..., None], 3, axis=2)), *size)
+    elif fmt in ("cutout_webm", "cutout_mov"):
+        def rgba(f: int) -> np.ndarray:
+            alpha = ((src.labels_or_empty(f) > 0) * 255).astype(np.uint8)
+            return np.dstack([src.frame_rgb(f), alpha])
+
+        if fmt == "cutout_webm":
+            # lossless keeps the alpha plane equal to the mask; VP9 takes odd sizes.
+            encode_video(out, src.each(rgba), *size, codec="libvpx-vp9", pix_fmt="yuva420p",
+                         options={"lossless": "1", "row-mt": "1", "deadline": "realtime",
+                                  "cpu-used": "8"}, even_size=False)
+        else:
+            encode_video(out, src.each(rgba), *size, codec="prores_ks",
+                         pix_fmt="yuva444p10le", options={"profile": "4444"}, even_size=False)
+    elif fmt == "masks_zip":
+        _write_zip(out, src)
+    elif fmt == "coco_json":
+        data = coco(src, polygons)
+        _atomic_text(out, json.dumps(data, separators=(",", ":")))
+    else:
+        raise ValueError(f"unknown export format {fmt!r}")
+    return out
+
+
+def _tmp(out: Path) -> Path:
+    return out.with_name(f".{out.name}.{threading.get_ident()}.tmp")
+
+
+def _atomic_text(out: Path, text: str) -> None:
+    tmp = _tmp(out)
+    tmp.write_text(text)
+    os.replace(tmp, out)
+
+
+def _write_zip(out: Path, src: ExportSource) -> None:
+    tmp = _tmp(out)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            # PNGs are already compressed.
+            def add(frame_idx: int) -> None:
+                if frame_idx not in src.mask_frames:
+                    return
+                ok, buf = cv2.imencode(".png", src.label_map(frame_idx))
+                zf.writestr(f"masks/{frame_idx:05d}.png", buf.tobytes())
+
+            for _ in src.each(add):
+                pass
+            zf.writestr("objects.json", json.dumps(
+                [{"obj_id": oid, "color": obj["color"]} for oid, obj in sorted(src.objects.items())]))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rle_encode(binary: np.ndarray) -> dict:
+    """Uncompressed COCO RLE (column-major run lengths, starting with background)."""
+    flat = np.asarray(binary, dtype=np.uint8).ravel(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:
+        counts = [0] + counts
+    return {"size": [int(binary.shape[0]), int(binary.shape[1])], "counts": counts}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    h, w = rle["size"]
+    flat = np.zeros(h * w, np.uint8)
+    pos, value = 0, 0
+    for run in rle["counts"]:
+        flat[pos:pos + run] = value
+        pos += run
+        value ^= 1
+    return flat.reshape((w, h)).T
+
+
+def coco(src: ExportSource, polygons: bool = False) -> dict:
+    images, annotations = [], []
+    ann_id = 0
+
+    def add(frame_idx: int) -> None:
+        nonlocal ann_id
+        images.append({"id": frame_idx + 1, "frame_idx": frame_idx,
+                       "file_name": f"frames/{frame_idx:05d}.jpg",
+                       "width": src.width, "height": src.height})
+        if frame_idx not in src.mask_frames:
+            return
+        labels = src.label_map(frame_idx)
+        for obj_id, area in mask_ops.areas(labels).items():
+            binary = labels == obj_id
+            ys, xs = np.nonzero(binary)
+            x0, y0 = int(xs.min()), int(ys.min())
+            ann_id += 1
+            ann = {"id": ann_id, "image_id": frame_idx + 1, "category_id": obj_id,
+                   "obj_id": obj_id, "frame_idx": frame_idx, "iscrowd": 0, "area": area,
+                   "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
+                   "segmentation": rle_encode(binary)}
+            score = src.scores.get(frame_idx, {}).get(obj_id)
+            if score:
+                ann["object_score"] = score.get("object_score")
+                ann["predicted_iou"] = score.get("iou")
+            if polygons:
+                contours, _ = cv2.findContours(binary.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                               cv2.CHAIN_APPROX_SIMPLE)
+                ann["polygons"] = [c.reshape(-1).astype(float).tolist() for c in contours
+                                   if len(c) >= 3]
+            annotations.append(ann)
+
+    for _ in src.each(add):
+        pass
+    return {
+        "info": {"description": "SAM 2 video segmentation export", "fps": float(src.fps),
+                 "frame_range": [src.first, src.last]},
+        "images": images,
+        "categories": [{"id": oid, "name": f"object {oid}", "color": obj["color"]}
+                       for oid, obj in sorted(src.objects.items())],
+        "annotations": annotations,
+    }
