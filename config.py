@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     frame_wait_timeout_s: float = Field(
         120.0, gt=0, description="How long a request waits for a frame still being decoded"
     )
+    state_window: int = Field(
+        16, ge=1, description="Tracked frames per object kept in memory (older ones go to disk); "
+                              "below 16 sequential tracking reads some back from disk")
     writer_threads: int = Field(2, ge=1, le=32, description="Threads writing masks/overlays")
 
     @field_validator("model", mode="before")

@@ -6,6 +6,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,8 @@ import sam2.sam2_video_predictor as _sam2_vp
 from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 from sam2.utils.misc import _load_img_as_tensor
+
+from state_store import SpillingFrameOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,18 @@ class TrackingPredictor(SAM2VideoPredictor):
         super().__init__(*args, **kwargs)
         self.hole_area = 0
         self._tls = threading.local()
+
+    def _obj_id_to_idx(self, inference_state, obj_id):
+        obj_idx = super()._obj_id_to_idx(inference_state, obj_id)
+        spill_dir = inference_state.get("spill_dir")
+        outputs = inference_state["output_dict_per_obj"][obj_idx]
+        if spill_dir is not None and not isinstance(outputs["non_cond_frame_outputs"],
+                                                     SpillingFrameOutputs):
+            constants = inference_state["constants"]
+            outputs["non_cond_frame_outputs"] = SpillingFrameOutputs(
+                spill_dir, inference_state["state_window"],
+                lambda: constants.get("maskmem_pos_enc"))
+        return obj_idx
 
     def _forward_sam_heads(self, backbone_features, point_inputs=None, mask_inputs=None,
                            high_res_features=None, multimask_output=False):
@@ -93,32 +108,62 @@ class LazyFrames:
     """The ``images`` of an inference state: frame i is read from its JPEG when the model asks.
 
     Item i is made exactly as sam2's ``load_video_frames_from_jpg_images`` makes it (PIL resize,
-    float32, then normalised), so masks equal the stock ``init_state`` on the same JPEGs.
+    float32, then normalised), so masks equal the stock ``init_state`` on the same JPEGs. While
+    the model works on frame i, the next frames in the direction of travel are prepared on
+    ``prefetcher`` threads.
     """
 
-    def __init__(self, num_frames: int, image_size: int, frame_path: Callable[[int], Path]):
+    def __init__(self, num_frames: int, image_size: int, frame_path: Callable[[int], Path],
+                 prefetcher: Executor | None = None, depth: int = 2):
         self.num_frames = num_frames
         self.image_size = image_size
         self.frame_path = frame_path
         self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
         self._std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
+        self._prefetcher = prefetcher
+        self._depth = depth
+        self._pending: dict[int, Future] = {}
+        self._last: int | None = None
 
     def __len__(self) -> int:
         return self.num_frames
 
-    def __getitem__(self, frame_idx: int) -> torch.Tensor:
+    def load(self, frame_idx: int) -> torch.Tensor:
         img, _, _ = _load_img_as_tensor(str(self.frame_path(frame_idx)), self.image_size)
         img = img.to(torch.float32)
         img -= self._mean
         img /= self._std
         return img
 
+    def __getitem__(self, frame_idx: int) -> torch.Tensor:
+        if not 0 <= frame_idx < self.num_frames:
+            raise IndexError(frame_idx)
+        future = self._pending.pop(frame_idx, None)
+        img = future.result() if future is not None else self.load(frame_idx)
+        if self._prefetcher is not None:
+            step = -1 if self._last is not None and frame_idx == self._last - 1 else 1
+            wanted = {frame_idx + step * k for k in range(1, self._depth + 1)}
+            wanted = {i for i in wanted if 0 <= i < self.num_frames}
+            for stale in set(self._pending) - wanted:
+                self._pending.pop(stale).cancel()
+            for i in sorted(wanted - set(self._pending)):
+                self._pending[i] = self._prefetcher.submit(self.load, i)
+        self._last = frame_idx
+        return img
+
 
 def new_inference_state(predictor: SAM2VideoPredictor, images, video_height: int,
-                        video_width: int) -> dict:
-    """The dict ``init_state`` builds, without loading every frame or encoding frame 0."""
+                        video_width: int, spill_dir: Path | None = None,
+                        state_window: int = 16) -> dict:
+    """The dict ``init_state`` builds, without loading every frame or encoding frame 0.
+
+    With ``spill_dir``, each object's tracked-frame outputs beyond the ``state_window`` most
+    recently used go to disk (see state_store).
+    """
     device = predictor.device
     return {
+        "spill_dir": spill_dir,
+        "state_window": state_window,
         "images": images,
         "num_frames": len(images),
         "offload_video_to_cpu": True,

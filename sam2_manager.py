@@ -165,6 +165,10 @@ class Session:
         return self.dir / MANIFEST_NAME
 
     @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    @property
     def exports_dir(self) -> Path:
         return self.dir / "exports"
 
@@ -201,6 +205,7 @@ class SAM2Manager:
         self.download: dict | None = None
         self.jobs = JobRunner()
         self._writer = ThreadPoolExecutor(settings.writer_threads, thread_name_prefix="writer")
+        self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="prefetch")
         settings.upload_dir.mkdir(parents=True, exist_ok=True)
         settings.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -358,6 +363,7 @@ class SAM2Manager:
                 self.sessions.pop(session_id, None)
             session.extractor.stop()
             session.state = None
+            shutil.rmtree(session.state_dir, ignore_errors=True)
         _free_device_memory()
         if delete_files:
             shutil.rmtree(session.dir, ignore_errors=True)
@@ -381,6 +387,7 @@ class SAM2Manager:
             with contextlib.suppress(ManagerError):
                 self.close_session(sid, delete_files=False)
         self._writer.shutdown(wait=True)
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self.predictor = None
         _free_device_memory()
 
@@ -420,9 +427,11 @@ class SAM2Manager:
         predictor = self._require_model()
         if session.state is None:
             images = LazyFrames(session.info.num_frames, predictor.image_size,
-                                lambda i: self.frame_path(session, i))
-            session.state = new_inference_state(predictor, images, session.info.height,
-                                                session.info.width)
+                                lambda i: self.frame_path(session, i), self._prefetcher)
+            shutil.rmtree(session.state_dir, ignore_errors=True)
+            session.state = new_inference_state(
+                predictor, images, session.info.height, session.info.width,
+                spill_dir=session.state_dir, state_window=self.settings.state_window)
         return session.state
 
     # -- prompts ---------------------------------------------------------------------------
