@@ -16,9 +16,11 @@ import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch
 
@@ -163,6 +165,9 @@ class Session:
     @property
     def manifest_path(self) -> Path:
         return self.dir / MANIFEST_NAME
+
+    def prompt_mask_path(self, obj_id: int, frame_idx: int) -> Path:
+        return self.dir / "prompts" / f"obj{obj_id:03d}_{frame_idx:05d}.png"
 
     @property
     def state_dir(self) -> Path:
@@ -335,6 +340,8 @@ class SAM2Manager:
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
         if session is None:
+            session = self._restore(session_id)
+        if session is None:
             raise SessionNotFound(f"no session {session_id}; upload a video to start one")
         session.last_access = time.time()
         return session
@@ -353,6 +360,56 @@ class SAM2Manager:
             session.busy_with = None
             session.last_access = time.time()
             session.work_lock.release()
+
+    def _restore(self, session_id: str) -> Session | None:
+        """Reopen a session closed by a restart or idle expiry from its folder and manifest."""
+        session_dir = self.settings.output_dir / session_id
+        manifest = session_dir / MANIFEST_NAME
+        if not manifest.is_file():
+            return None
+        with self._sessions_lock:
+            if session_id in self.sessions:
+                return self.sessions[session_id]
+            try:
+                data = json.loads(manifest.read_text())
+                v = data["video"]
+                info = VideoInfo(num_frames=v["num_frames"], width=v["width"],
+                                 height=v["height"], fps=Fraction(v["fps_rational"]),
+                                 codec=v["codec"], container=v["container"],
+                                 rotation=v["rotation"])
+                upload = self.settings.upload_dir / session_id / data.get("upload", "video.bin")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("session %s cannot be restored: %s", session_id, exc)
+                return None
+            if len(self.sessions) >= self.settings.max_sessions:
+                self.check_capacity()
+            extractor = FrameExtractor(upload, session_dir / "frames", info,
+                                       self.settings.jpeg_quality)
+            last_frame = session_dir / "frames" / f"{info.num_frames - 1:05d}.jpg"
+            if v.get("frames_decoded") == info.num_frames and last_frame.is_file():
+                extractor.mark_complete()
+            elif upload.is_file():
+                extractor.start()
+            else:
+                logger.warning("session %s: frames incomplete and upload missing", session_id)
+                return None
+            session = Session(id=session_id, dir=session_dir, upload_path=upload,
+                              filename=data.get("filename", upload.name), info=info,
+                              extractor=extractor, created_at=data.get("created_at", time.time()))
+            for oid, per_frame in data.get("current_prompts", {}).items():
+                session.prompts[int(oid)] = {int(f): PromptRecord(**rec)
+                                             for f, rec in per_frame.items()}
+            session.objects = {o["obj_id"]: {"obj_id": o["obj_id"], "color": o["color"]}
+                               for o in data.get("objects", [])}
+            session.history = list(data.get("prompts", []))
+            session.mask_frames = {f for f in data.get("mask_frames", [])
+                                   if session.mask_path(f).is_file()}
+            session.scores = {int(f): {int(o): sc for o, sc in per.items()}
+                              for f, per in data.get("scores", {}).items()}
+            session.propagations = list(data.get("propagations", []))
+            self.sessions[session_id] = session
+        logger.info("session %s restored from %s", session_id, manifest)
+        return session
 
     def close_session(self, session_id: str, delete_files: bool) -> None:
         session = self.get(session_id)
@@ -429,10 +486,39 @@ class SAM2Manager:
             images = LazyFrames(session.info.num_frames, predictor.image_size,
                                 lambda i: self.frame_path(session, i), self._prefetcher)
             shutil.rmtree(session.state_dir, ignore_errors=True)
-            session.state = new_inference_state(
+            state = new_inference_state(
                 predictor, images, session.info.height, session.info.width,
                 spill_dir=session.state_dir, state_window=self.settings.state_window)
+            if session.has_prompts():
+                # A session restored from disk (restart, or idle expiry): give the model back
+                # its prompts. Tracking resumes with the next propagation.
+                with self._model_ctx():
+                    for obj_id, per_frame in sorted(session.prompts.items()):
+                        for frame_idx, record in sorted(per_frame.items()):
+                            self._apply_record(state, session, frame_idx, obj_id, record)
+                logger.info("session %s: replayed prompts of %d objects", session.id,
+                            len(session.prompts))
+            session.state = state
         return session.state
+
+    def _apply_record(self, state: dict, session: Session, frame_idx: int, obj_id: int,
+                      record: PromptRecord, mask: np.ndarray | None = None):
+        """Give the predictor one object's prompts on one frame; returns (obj_ids, masks)."""
+        if record.mask:
+            if mask is None:
+                mask = cv2.imread(str(session.prompt_mask_path(obj_id, frame_idx)),
+                                  cv2.IMREAD_GRAYSCALE)
+            _, obj_ids, video_masks = self.predictor.add_new_mask(
+                state, frame_idx, obj_id, torch.from_numpy(mask > 0))
+        else:
+            # The whole record is resent with clear_old_points: the same point inputs as an
+            # appending call, and it lets a box join existing points.
+            _, obj_ids, video_masks = self.predictor.add_new_points_or_box(
+                state, frame_idx, obj_id,
+                points=np.array(record.points, np.float32).reshape(-1, 2),
+                labels=np.array(record.labels, np.int32),
+                box=record.box, clear_old_points=True, normalize_coords=True)
+        return obj_ids, video_masks
 
     # -- prompts ---------------------------------------------------------------------------
     def _validate_prompt(self, session: Session, frame_idx: int, obj_id: int,
@@ -490,17 +576,8 @@ class SAM2Manager:
             is_new_obj = obj_id not in state["obj_id_to_idx"]
             try:
                 with self._model_ctx():
-                    if record.mask:
-                        _, obj_ids, video_masks = predictor.add_new_mask(
-                            state, frame_idx, obj_id, torch.from_numpy(mask > 0))
-                    else:
-                        # The whole record is resent with clear_old_points: identical point inputs
-                        # to an appending call, and it lets a box join existing points.
-                        _, obj_ids, video_masks = predictor.add_new_points_or_box(
-                            state, frame_idx, obj_id,
-                            points=np.array(record.points, np.float32).reshape(-1, 2),
-                            labels=np.array(record.labels, np.int32),
-                            box=record.box, clear_old_points=True, normalize_coords=True)
+                    obj_ids, video_masks = self._apply_record(state, session, frame_idx, obj_id,
+                                                              record, mask)
                     labels_map = mask_ops.label_map(video_masks, obj_ids)
                     frame_scores = self._frame_scores(state, frame_idx, temp=True)
             except Exception:
@@ -509,6 +586,10 @@ class SAM2Manager:
                         predictor.remove_object(state, obj_id, need_output=False)
                 raise
             self._write_frame(session, frame_idx, labels_map)
+            if mask is not None:
+                session.prompt_mask_path(obj_id, frame_idx).parent.mkdir(exist_ok=True)
+                write_png(session.prompt_mask_path(obj_id, frame_idx),
+                          ((mask > 0) * 255).astype(np.uint8))
             with session.meta_lock:
                 session.prompts.setdefault(obj_id, {})[frame_idx] = record
                 session.objects.setdefault(obj_id, {"obj_id": obj_id,
@@ -761,8 +842,6 @@ class SAM2Manager:
                    self.settings.jpeg_quality)
 
     def _erase_object(self, session: Session, frame_idx: int, obj_id: int) -> None:
-        import cv2
-
         labels_map = cv2.imread(str(session.mask_path(frame_idx)), cv2.IMREAD_UNCHANGED)
         if labels_map is None or not (labels_map == obj_id).any():
             return
@@ -784,8 +863,6 @@ class SAM2Manager:
         }
 
     def read_label_map(self, session: Session, frame_idx: int) -> np.ndarray:
-        import cv2
-
         labels_map = cv2.imread(str(session.mask_path(frame_idx)), cv2.IMREAD_UNCHANGED)
         if labels_map is None:
             raise MaskNotFound(f"mask of frame {frame_idx} is missing on disk")
@@ -875,6 +952,7 @@ class SAM2Manager:
             return {
                 "session_id": session.id,
                 "filename": session.filename,
+                "upload": session.upload_path.name,
                 "created_at": session.created_at,
                 "last_access": session.last_access,
                 "busy_with": session.busy_with,

@@ -160,9 +160,14 @@ class FrameExtractor:
     def start(self) -> None:
         self._thread.start()
 
+    def mark_complete(self) -> None:
+        """The frames are already on disk (a restored session): nothing to decode."""
+        self._publish(self.info.num_frames)
+
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     @property
     def done(self) -> bool:
