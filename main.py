@@ -29,6 +29,7 @@ from config import Settings, get_settings
 from jobs import Job
 from sam2_manager import (
     ExportNotFound,
+    JobNotFound,
     FrameNotReady,
     InvalidPrompt,
     InvalidRequest,
@@ -55,6 +56,7 @@ STATUS_OF: dict[type[ManagerError], int] = {
     MaskNotFound: 404,
     ObjectNotFound: 404,
     ExportNotFound: 404,
+    JobNotFound: 404,
     FrameOutOfRange: 404,
     SessionBusy: 409,
     NoPrompts: 409,
@@ -463,7 +465,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     def _job(job_id: str, manager: SAM2Manager) -> Job:
         job = manager.jobs.get(job_id)
         if job is None:
-            raise SessionNotFound(f"no job {job_id}")
+            raise JobNotFound(f"no job {job_id}; jobs are kept in memory until a restart")
         return job
 
     @app.get("/jobs/{job_id}", response_model=JobResponse, responses=ERRORS, tags=["jobs"])

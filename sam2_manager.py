@@ -105,6 +105,10 @@ class FrameNotReady(ManagerError):
     code = "frame_not_ready"
 
 
+class JobNotFound(ManagerError):
+    code = "job_not_found"
+
+
 class ExportNotFound(ManagerError):
     code = "export_not_found"
 
