@@ -746,12 +746,9 @@ class SAM2Manager:
                             labels_map = mask_ops.label_map(video_masks, obj_ids)
                             scores = self._frame_scores(state, frame_idx, temp=False)
                             pending.append(self._writer.submit(
-                                self._write_frame, session, frame_idx, labels_map))
+                                self._write_and_record, session, frame_idx, labels_map, scores))
                             while len(pending) > 2 * self.settings.writer_threads + 2:
                                 pending.popleft().result()
-                            with session.meta_lock:
-                                session.mask_frames.add(frame_idx)
-                                session.scores[frame_idx] = scores
                             written.append(frame_idx)
                             if time.perf_counter() - last_save > 5:
                                 last_save = time.perf_counter()
@@ -844,6 +841,14 @@ class SAM2Manager:
         rgb = read_rgb(self.frame_path(session, frame_idx))
         write_jpeg(session.overlay_path(frame_idx), mask_ops.overlay(rgb, labels_map),
                    self.settings.jpeg_quality)
+
+    def _write_and_record(self, session: Session, frame_idx: int, labels_map: np.ndarray,
+                          scores: dict) -> None:
+        # Recorded only once its files exist, so a reader never gets a listed but missing mask.
+        self._write_frame(session, frame_idx, labels_map)
+        with session.meta_lock:
+            session.mask_frames.add(frame_idx)
+            session.scores[frame_idx] = scores
 
     def _erase_object(self, session: Session, frame_idx: int, obj_id: int) -> None:
         labels_map = cv2.imread(str(session.mask_path(frame_idx)), cv2.IMREAD_UNCHANGED)
