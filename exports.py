@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 import masks as mask_ops
-from video_io import encode_mp4, encode_video, read_rgb
+from video_io import encode_mp4, encode_video
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import shutil
 import threading
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import cv2
@@ -29,10 +28,11 @@ from config import Settings, get_settings
 from jobs import Job
 from sam2_manager import (
     ExportNotFound,
-    JobNotFound,
     FrameNotReady,
+    FrameOutOfRange,
     InvalidPrompt,
     InvalidRequest,
+    JobNotFound,
     ManagerError,
     MaskNotFound,
     ModelNotReady,
@@ -45,7 +45,6 @@ from sam2_manager import (
     SessionNotFound,
     TooManySessions,
     VideoInvalid,
-    FrameOutOfRange,
 )
 from uploads_stream import UploadError, receive_file
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 import sam2.sam2_video_predictor as _sam2_vp
+import torch
 from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 from sam2.utils.misc import _load_img_as_tensor

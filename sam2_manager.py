@@ -756,7 +756,8 @@ class SAM2Manager:
                             progress.update(frame_idx, len(written), total)
             except JobCancelled:
                 self._finish_propagation(session, record, written, pending, t0, cancelled=True)
-                raise JobCancelled(self._propagation_result(session, record, written, t0, True))
+                raise JobCancelled(
+                    self._propagation_result(session, record, written, t0, True)) from None
             except BaseException:
                 self._finish_propagation(session, record, written, pending, t0, cancelled=True)
                 raise

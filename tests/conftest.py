@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from config import Settings  # noqa: E402
 from media import frame_rgb, make_video  # noqa: E402
+
+from config import Settings  # noqa: E402
 
 MODEL_CFG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 IMAGE_SIZE = 256

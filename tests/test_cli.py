@@ -11,7 +11,6 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-
 from media import make_video
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import zipfile
 import av
 import numpy as np
 import pytest
+from conftest import label_png
 from pycocotools import mask as coco_mask
 
-from conftest import label_png
 from exports import rle_decode, rle_encode
 
 N = 6

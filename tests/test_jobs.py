@@ -6,9 +6,9 @@ import json
 import shutil
 
 import pytest
+from media import make_video
 
 from jobs import JobCancelled, Progress
-from media import make_video
 
 
 class CancelAfter:

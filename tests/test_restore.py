@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from conftest import label_png
 from fastapi.testclient import TestClient
 
-from conftest import label_png
 from main import create_app
 from sam2_manager import SAM2Manager
 

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from media import make_video
+
 from state_store import SpillingFrameOutputs, state_memory_report
 
 N = 14
