@@ -453,11 +453,15 @@ class SAM2Manager:
         _free_device_memory()
 
     # -- frames ----------------------------------------------------------------------------
-    def check_frame(self, session: Session, frame_idx: int) -> None:
+    def check_frame(self, session: Session, frame_idx: int, field: str | None = None) -> None:
+        """404 for a frame named in the URL; 422 (``field`` named) for one in a request body."""
         n = session.info.num_frames
         if not 0 <= frame_idx < n:
-            raise FrameOutOfRange(f"frame {frame_idx} is out of range: the video has frames "
-                                  f"0..{n - 1}")
+            if field is None:
+                raise FrameOutOfRange(f"frame {frame_idx} is out of range: the video has frames "
+                                      f"0..{n - 1}")
+            raise InvalidRequest(f"{field} {frame_idx} is out of range: the video has frames "
+                                 f"0..{n - 1}")
 
     def frame_path(self, session: Session, frame_idx: int) -> Path:
         """Path of the frame's JPEG, waiting while the background decoder gets there."""
@@ -530,7 +534,7 @@ class SAM2Manager:
                          mask: np.ndarray | None) -> None:
         # Everything is checked before the predictor sees it: a failed call with a new obj_id
         # would leave an object without prompts, which breaks every later propagation.
-        self.check_frame(session, frame_idx)
+        self.check_frame(session, frame_idx, "frame_idx")
         if not 1 <= obj_id <= MAX_OBJ_ID:
             raise InvalidPrompt(f"obj_id must be between 1 and {MAX_OBJ_ID}, got {obj_id}")
         w, h = session.info.width, session.info.height
@@ -612,7 +616,7 @@ class SAM2Manager:
     def clear_prompts(self, session_id: str, obj_id: int, frame_idx: int) -> dict:
         """Remove one object's prompts on one frame (removing the object if none remain)."""
         session = self.get(session_id)
-        self.check_frame(session, frame_idx)
+        self.check_frame(session, frame_idx, "frame_idx")
         with self._working(session, "prompt"):
             if frame_idx not in session.prompts.get(obj_id, {}):
                 raise InvalidPrompt(f"object {obj_id} has no prompts on frame {frame_idx}")
@@ -694,7 +698,7 @@ class SAM2Manager:
                          ) -> list[tuple[bool, int, int]]:
         """Validate a propagation request; return passes as (reverse, first, last) frames."""
         n = session.info.num_frames
-        self.check_frame(session, start_frame)
+        self.check_frame(session, start_frame, "start_frame")
         if end_frame is not None and max_frames is not None:
             raise InvalidRequest("give end_frame or max_frames, not both")
         if end_frame is not None:
@@ -883,7 +887,7 @@ class SAM2Manager:
         n = session.info.num_frames
         first = 0 if start_frame is None else start_frame
         last = n - 1 if end_frame is None else min(end_frame, n - 1)
-        self.check_frame(session, first)
+        self.check_frame(session, first, "start_frame")
         if last < first:
             raise InvalidRequest(f"end_frame {end_frame} is before start_frame {first}")
         return first, last

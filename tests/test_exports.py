@@ -144,7 +144,7 @@ def test_export_errors(client, session_id, tracked):
     assert client.get(f"/export/{sid}", params={"format": "gif"}).status_code == 422
     r = client.get(f"/export/{sid}", params={"start_frame": 5, "end_frame": 2})
     assert r.status_code == 422 and r.json()["error"] == "invalid_request"
-    assert client.get(f"/export/{sid}", params={"start_frame": 99}).status_code == 404
+    assert client.get(f"/export/{sid}", params={"start_frame": 99}).status_code == 422
 
 
 def test_rle_round_trip():
