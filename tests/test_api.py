@@ -261,19 +261,28 @@ def _faststart_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("kind", ["mp4-first-half", "mp4-faststart-tail-cut", "mkv-tail-cut",
-                                  "avi-tail-cut"])
+def _cut_inside_packet(path: Path, packet_idx: int) -> bytes:
+    """The file's bytes up to the middle of its ``packet_idx``-th video packet."""
+    with av.open(str(path)) as c:
+        packets = [(p.pos, p.size) for p in c.demux(video=0) if p.size]
+    pos, size = packets[packet_idx]
+    return path.read_bytes()[: pos + size // 2]
+
+
+@pytest.mark.parametrize("kind", ["mp4-first-half", "mp4-faststart-cut-in-frame-5",
+                                  "mkv-cut-in-frame-5", "mkv-first-half", "avi-tail-cut"])
 def test_truncated_upload_is_422_or_fully_servable(client, settings, tmp_path, kind):
     src = tmp_path / "src"
     if kind == "mp4-first-half":
         data = make_video(src / "a.mp4").read_bytes()
         data = data[: len(data) // 2]
-    elif kind == "mp4-faststart-tail-cut":
-        data = _faststart_copy(make_video(src / "a.mp4"), src / "fs.mp4").read_bytes()
-        data = data[: int(len(data) * 0.7)]
-    elif kind == "mkv-tail-cut":
+    elif kind == "mp4-faststart-cut-in-frame-5":
+        data = _cut_inside_packet(_faststart_copy(make_video(src / "a.mp4"), src / "fs.mp4"), 5)
+    elif kind == "mkv-cut-in-frame-5":
+        data = _cut_inside_packet(make_video(src / "a.mkv"), 5)
+    elif kind == "mkv-first-half":
         data = make_video(src / "a.mkv").read_bytes()
-        data = data[: int(len(data) * 0.7)]
+        data = data[: len(data) // 2]
     else:
         data = make_video(src / "a.avi", codec="mjpeg", pix_fmt="yuvj420p").read_bytes()
         data = data[: int(len(data) * 0.6)]
@@ -381,7 +390,7 @@ BAD_PROMPTS = {
 
 @pytest.mark.parametrize("refine", [False, True], ids=["annotate", "refine"])
 @pytest.mark.parametrize("case", list(BAD_PROMPTS))
-def test_invalid_prompt_is_422(client, session_id, settings, case, refine):
+def test_invalid_prompt_is_422(client, session_id, case, refine):
     route = "refine-mask" if refine else "annotate-frame"
     assert_error(client.post(f"/{route}/{session_id}", json=BAD_PROMPTS[case]), 422)
     info = client.get(f"/session/{session_id}").json()
@@ -389,9 +398,10 @@ def test_invalid_prompt_is_422(client, session_id, settings, case, refine):
 
 
 @pytest.mark.parametrize("refine", [False, True], ids=["annotate", "refine"])
-def test_prompt_frame_out_of_range_is_4xx(client, session_id, refine):
+def test_prompt_frame_out_of_range_is_422(client, session_id, refine):
+    # A frame index in a request body is a bad field (422); in a URL it is a missing page (404).
     r = prompt(client, session_id, frame_idx=NUM_FRAMES, refine=refine)
-    assert_error(r, 404, "frame_out_of_range")
+    assert "frame_idx" in assert_error(r, 422, "invalid_request")["detail"]
 
 
 def test_prompt_unknown_session_is_404(client):
@@ -411,16 +421,20 @@ def _bad_mask_requests() -> dict:
     }
 
 
-@pytest.mark.parametrize("case", list(_bad_mask_requests()))
-def test_failed_prompt_with_new_obj_id_does_not_register_it(client, prompted, case):
-    body = {"frame_idx": 2, "obj_id": 7, **_bad_mask_requests()[case]}
-    assert_error(client.post(f"/annotate-frame/{prompted}", json=body), 422)
-    info = client.get(f"/session/{prompted}").json()
-    assert [o["obj_id"] for o in info["objects"]] == [1]
-    assert "7" not in info["current_prompts"]
-    result = propagate_ok(client, prompted)
+@pytest.mark.parametrize("refine", [False, True], ids=["annotate", "refine"])
+def test_failed_prompt_with_new_obj_id_does_not_register_it(client, prompted, refine):
+    route = "refine-mask" if refine else "annotate-frame"
+    for case, extra in _bad_mask_requests().items():
+        body = {"frame_idx": 2, "obj_id": 7, **extra}
+        r = client.post(f"/{route}/{prompted}", json=body)
+        assert_error(r, 422)
+        info = client.get(f"/session/{prompted}").json()
+        assert [o["obj_id"] for o in info["objects"]] == [1], case
+        assert "7" not in info["current_prompts"], case
+    # An object registered without prompts would make sam2's propagation raise.
+    result = propagate_ok(client, prompted, end_frame=2)
     assert result["objects"] == [1]
-    assert result["frames_processed"] == NUM_FRAMES
+    assert result["frames_processed"] == 3
 
 
 def test_predictor_failure_on_new_obj_id_is_rolled_back(settings, predictor, video,
@@ -443,7 +457,7 @@ def test_predictor_failure_on_new_obj_id_is_rolled_back(settings, predictor, vid
         info = c.get(f"/session/{sid}").json()
         assert [o["obj_id"] for o in info["objects"]] == [1]
         assert info["mask_frames"] == [0]
-        r = c.post(f"/propagate/{sid}", json={})
+        r = c.post(f"/propagate/{sid}", json={"end_frame": 2})
         assert r.status_code == 200, r.text
         assert r.json()["objects"] == [1]
 
@@ -509,9 +523,9 @@ def test_propagate_forward_clamps_end_frame(client, prompted, settings):
     assert len(info["propagations"]) == 1
 
 
-def test_propagate_start_out_of_range_is_4xx(client, prompted):
+def test_propagate_start_out_of_range_is_422(client, prompted):
     r = client.post(f"/propagate/{prompted}", json={"start_frame": NUM_FRAMES})
-    assert_error(r, 404, "frame_out_of_range")
+    assert "start_frame" in assert_error(r, 422, "invalid_request")["detail"]
     r = client.post(f"/propagate/{prompted}", json={"start_frame": -1})
     assert_error(r, 422)
 
@@ -579,7 +593,7 @@ def test_propagate_in_background(client, prompted, settings):
 
 def test_background_propagation_validates_before_answering_202(client, prompted):
     r = client.post(f"/propagate/{prompted}", json={"background": True, "start_frame": 99})
-    assert_error(r, 404, "frame_out_of_range")
+    assert "start_frame" in assert_error(r, 422, "invalid_request")["detail"]
 
 
 def test_unknown_job_is_404(client):
@@ -596,7 +610,6 @@ def test_overlay_is_the_frame_until_masked(client, session_id):
     assert overlay.content == frame.content
 
     body = annotate_ok(client, session_id)
-    assert (client.get(f"/mask/{session_id}/0").content != b"")
     labels = label_png(client.get(f"/mask/{session_id}/0").content)
     assert (labels == 1).any(), "the seeded checkpoint gives a non-empty mask for this click"
     after = client.get(body["overlay_url"])
@@ -633,6 +646,11 @@ def video_facts(path_or_bytes) -> dict:
                 "frames": frames, "pts": pts}
 
 
+def luma_diff(a: np.ndarray, b: np.ndarray) -> float:
+    gray = [cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_RGB2GRAY).astype(int) for x in (a, b)]
+    return float(np.abs(gray[0] - gray[1]).mean())
+
+
 def test_export_without_masks_is_409(client, session_id):
     assert_error(client.get(f"/export/{session_id}"), 409, "no_masks")
 
@@ -651,33 +669,38 @@ def test_export_after_propagation(client, propagated, tmp_path):
     assert (facts["width"], facts["height"]) == (WIDTH, HEIGHT)
     assert len(facts["frames"]) == NUM_FRAMES
     assert facts["average_rate"] == 24
-    # Every exported frame is that frame's overlay.
+    # Every exported frame is that frame's overlay, not the plain frame (compared on luma:
+    # 4:2:0 chroma blurs the overlay's coloured edges).
     for i, img in enumerate(facts["frames"]):
         overlay = decode_jpeg(client.get(f"/overlay/{propagated}/{i}").content)
-        assert np.abs(img.astype(int) - overlay.astype(int)).mean() < 6, i
+        plain = decode_jpeg(client.get(f"/frame/{propagated}/{i}").content)
+        to_overlay, to_plain = luma_diff(img, overlay), luma_diff(img, plain)
+        assert to_overlay < 6, (i, to_overlay)
+        if luma_diff(overlay, plain) > 10:
+            assert to_overlay < to_plain, (i, to_overlay, to_plain)
 
 
-def test_export_a_range(client, propagated, tmp_path):
-    r = client.get(f"/export/{propagated}", params={"start_frame": 2, "end_frame": 5})
+def test_export_a_range(client, prompted, tmp_path):
+    r = client.get(f"/export/{prompted}", params={"start_frame": 2, "end_frame": 5})
     assert r.status_code == 200, r.text
     out = tmp_path / "range.mp4"
     out.write_bytes(r.content)
     facts = video_facts(str(out))
     assert len(facts["frames"]) == 4
     assert (facts["width"], facts["height"]) == (WIDTH, HEIGHT)
-    # The range after the end is clamped; the whole export is still whole.
-    r = client.get(f"/export/{propagated}", params={"start_frame": 6, "end_frame": 500})
+    # An end_frame past the last frame is clamped to it.
+    r = client.get(f"/export/{prompted}", params={"start_frame": 6, "end_frame": 500})
     assert r.status_code == 200, r.text
     out.write_bytes(r.content)
     assert len(video_facts(str(out))["frames"]) == 2
 
 
-def test_export_bad_range_is_4xx(client, propagated):
-    assert_error(client.get(f"/export/{propagated}", params={"start_frame": NUM_FRAMES}), 404,
-                 "frame_out_of_range")
-    assert_error(client.get(f"/export/{propagated}", params={"start_frame": 5, "end_frame": 2}),
+def test_export_bad_range_is_422(client, prompted):
+    r = client.get(f"/export/{prompted}", params={"start_frame": NUM_FRAMES})
+    assert "start_frame" in assert_error(r, 422, "invalid_request")["detail"]
+    assert_error(client.get(f"/export/{prompted}", params={"start_frame": 5, "end_frame": 2}),
                  422)
-    assert_error(client.get(f"/export/{propagated}", params={"start_frame": -1}), 422)
+    assert_error(client.get(f"/export/{prompted}", params={"start_frame": -1}), 422)
 
 
 def test_export_unknown_session_is_404(client):
@@ -709,18 +732,18 @@ def test_session_describes_and_matches_manifest(client, session_id, settings):
     assert [s["session_id"] for s in listed] == [session_id]
 
 
-def test_delete_session(client, propagated, settings):
-    client.get(f"/export/{propagated}")
-    assert (settings.output_dir / propagated).is_dir()
-    assert (settings.upload_dir / propagated).is_dir()
-    r = client.delete(f"/session/{propagated}")
+def test_delete_session(client, prompted, settings):
+    assert client.get(f"/export/{prompted}").status_code == 200
+    assert (settings.output_dir / prompted).is_dir()
+    assert (settings.upload_dir / prompted).is_dir()
+    r = client.delete(f"/session/{prompted}")
     assert r.status_code == 200
     assert r.json()["deleted"] is True
-    assert_error(client.get(f"/session/{propagated}"), 404, "session_not_found")
-    assert_error(client.get(f"/frame/{propagated}/0"), 404, "session_not_found")
-    assert_error(client.delete(f"/session/{propagated}"), 404, "session_not_found")
-    assert not (settings.output_dir / propagated).exists()
-    assert not (settings.upload_dir / propagated).exists()
+    assert_error(client.get(f"/session/{prompted}"), 404, "session_not_found")
+    assert_error(client.get(f"/frame/{prompted}/0"), 404, "session_not_found")
+    assert_error(client.delete(f"/session/{prompted}"), 404, "session_not_found")
+    assert not (settings.output_dir / prompted).exists()
+    assert not (settings.upload_dir / prompted).exists()
     assert leftovers(settings) == []
 
 
@@ -753,9 +776,8 @@ def test_two_objects_on_one_frame(client, session_id):
 
 def test_remove_object_erases_it_everywhere(client, session_id, settings):
     _two_objects(client, session_id)
-    propagate_ok(client, session_id)
-    assert any((label_png(client.get(f"/mask/{session_id}/{f}").content) == 2).any()
-               for f in range(NUM_FRAMES))
+    propagate_ok(client, session_id, end_frame=3)
+    assert (label_png(client.get(f"/mask/{session_id}/0").content) == 2).any()
 
     r = client.delete(f"/object/{session_id}/2")
     assert r.status_code == 200, r.text
@@ -764,12 +786,13 @@ def test_remove_object_erases_it_everywhere(client, session_id, settings):
     assert [o["obj_id"] for o in info["objects"]] == [1]
     assert "2" not in info["current_prompts"]
     assert all("2" not in per for per in info["scores"].values())
-    for f in range(NUM_FRAMES):
+    assert info["mask_frames"] == [0, 1, 2, 3]
+    for f in info["mask_frames"]:
         labels = label_png(client.get(f"/mask/{session_id}/{f}").content)
         assert not (labels == 2).any(), f
         assert labels.max() <= 1
     # The remaining object still tracks.
-    assert propagate_ok(client, session_id)["objects"] == [1]
+    assert propagate_ok(client, session_id, end_frame=1)["objects"] == [1]
 
 
 def test_remove_unknown_object_is_404(client, prompted):
@@ -799,15 +822,17 @@ def test_clear_prompts(client, session_id, settings):
 def test_clear_prompts_errors(client, prompted):
     assert_error(client.post(f"/clear-prompts/{prompted}", json={"frame_idx": 4, "obj_id": 1}),
                  422)
-    assert_error(client.post(f"/clear-prompts/{prompted}", json={"frame_idx": 99, "obj_id": 1}),
-                 404, "frame_out_of_range")
+    r = client.post(f"/clear-prompts/{prompted}", json={"frame_idx": 99, "obj_id": 1})
+    assert "frame_idx" in assert_error(r, 422, "invalid_request")["detail"]
     assert_error(client.post(f"/clear-prompts/{prompted}", json={"frame_idx": 0, "obj_id": 0}),
                  422)
 
 
 def test_reset(client, session_id, settings):
     _two_objects(client, session_id)
-    propagate_ok(client, session_id)
+    propagate_ok(client, session_id, end_frame=NUM_FRAMES - 1, start_frame=NUM_FRAMES - 3)
+    propagate_ok(client, session_id, end_frame=1)
+    assert len(client.get(f"/session/{session_id}").json()["mask_frames"]) == 5
     r = client.post(f"/reset/{session_id}")
     assert r.status_code == 200, r.text
     info = assert_consistent(client, settings, session_id)
@@ -822,7 +847,7 @@ def test_reset(client, session_id, settings):
     assert_error(client.post(f"/propagate/{session_id}", json={}), 409, "no_prompts")
     # The session is usable again.
     annotate_ok(client, session_id)
-    assert propagate_ok(client, session_id)["frames_processed"] == NUM_FRAMES
+    assert propagate_ok(client, session_id, end_frame=2)["frames_processed"] == 3
 
 
 def test_reset_unknown_session_is_404(client):
@@ -871,7 +896,7 @@ def test_prompts_during_background_propagation_keep_the_session_consistent(clien
     objects = {o["obj_id"] for o in info["objects"]}
     assert objects == {1} | ({2} if answers["new-obj"] == 200 else set())
     # And the session still works afterwards.
-    assert propagate_ok(client, prompted)["frames_processed"] == NUM_FRAMES
+    assert propagate_ok(client, prompted, end_frame=2)["frames_processed"] == 3
     assert_consistent(client, settings, prompted)
 
 
@@ -883,7 +908,9 @@ def test_masks_reported_during_propagation_are_servable(client, prompted, monkey
 
     def slow_write(session, frame_idx, labels_map):
         if frame_idx == 3:
-            gate.wait(timeout=60)  # hold this frame's files back until the test has looked
+            # Hold this frame's files back until the test has looked (a fix that makes the read
+            # wait for the write would pass too, after this timeout).
+            gate.wait(timeout=20)
         real_write(session, frame_idx, labels_map)
 
     monkeypatch.setattr(mgr, "_write_frame", slow_write)
@@ -915,7 +942,7 @@ def test_concurrent_requests_on_two_sessions(client, video, settings):
     results: dict[str, int] = {}
 
     def run(sid):
-        results[sid] = client.post(f"/propagate/{sid}", json={}).status_code
+        results[sid] = client.post(f"/propagate/{sid}", json={"end_frame": 3}).status_code
 
     threads = [threading.Thread(target=run, args=(sid,)) for sid in ids]
     for t in threads:
@@ -924,5 +951,5 @@ def test_concurrent_requests_on_two_sessions(client, video, settings):
         t.join(timeout=120)
     assert results == {sid: 200 for sid in ids}
     for sid in ids:
-        assert assert_consistent(client, settings, sid)["mask_frames"] == list(range(NUM_FRAMES))
+        assert assert_consistent(client, settings, sid)["mask_frames"] == [0, 1, 2, 3]
 
