@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -82,7 +83,10 @@ class Settings(BaseSettings):
     state_window: int = Field(
         16, ge=1, description="Tracked frames per object kept in memory (older ones go to disk); "
                               "below 16 sequential tracking reads some back from disk")
-    writer_threads: int = Field(2, ge=1, le=32, description="Threads writing masks/overlays")
+    writer_threads: int = Field(
+        0, ge=0, le=64, description="Threads writing masks/overlays (0: from the CPU count)")
+    prefetch_threads: int = Field(
+        0, ge=0, le=64, description="Threads preparing upcoming frames (0: from the CPU count)")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -119,6 +123,14 @@ class Settings(BaseSettings):
     @property
     def checkpoint_download_url(self) -> str:
         return self.checkpoint_url.format(filename=self.checkpoint_filename)
+
+    @property
+    def writer_workers(self) -> int:
+        return self.writer_threads or min(8, max(2, (os.cpu_count() or 2) // 2))
+
+    @property
+    def prefetch_workers(self) -> int:
+        return self.prefetch_threads or min(4, max(1, (os.cpu_count() or 2) // 4))
 
     @property
     def max_upload_bytes(self) -> int:

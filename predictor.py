@@ -114,7 +114,7 @@ class LazyFrames:
     """
 
     def __init__(self, num_frames: int, image_size: int, frame_path: Callable[[int], Path],
-                 prefetcher: Executor | None = None, depth: int = 2):
+                 prefetcher: Executor | None = None, depth: int = 3):
         self.num_frames = num_frames
         self.image_size = image_size
         self.frame_path = frame_path

@@ -213,8 +213,9 @@ class SAM2Manager:
         self.model_detail: str | None = None
         self.download: dict | None = None
         self.jobs = JobRunner()
-        self._writer = ThreadPoolExecutor(settings.writer_threads, thread_name_prefix="writer")
-        self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="prefetch")
+        self._writer = ThreadPoolExecutor(settings.writer_workers, thread_name_prefix="writer")
+        self._prefetcher = ThreadPoolExecutor(settings.prefetch_workers,
+                                              thread_name_prefix="prefetch")
         settings.upload_dir.mkdir(parents=True, exist_ok=True)
         settings.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -751,7 +752,7 @@ class SAM2Manager:
                             scores = self._frame_scores(state, frame_idx, temp=False)
                             pending.append(self._writer.submit(
                                 self._write_and_record, session, frame_idx, labels_map, scores))
-                            while len(pending) > 2 * self.settings.writer_threads + 2:
+                            while len(pending) > 2 * self.settings.writer_workers + 2:
                                 pending.popleft().result()
                             written.append(frame_idx)
                             if time.perf_counter() - last_save > 5:
