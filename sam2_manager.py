@@ -759,6 +759,9 @@ class SAM2Manager:
                                 last_save = time.perf_counter()
                                 self._save_manifest(session)
                             progress.update(frame_idx, len(written), total)
+                    # The next pass rewrites the start frame: its earlier write must land first.
+                    while pending:
+                        pending.popleft().result()
             except JobCancelled:
                 self._finish_propagation(session, record, written, pending, t0, cancelled=True)
                 raise JobCancelled(

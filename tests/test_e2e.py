@@ -26,7 +26,7 @@ def test_workflow_against_real_server(tmp_path, checkpoint):
         "SAM2_UPLOAD_DIR": str(tmp_path / "uploads"), "SAM2_OUTPUT_DIR": str(tmp_path / "out"),
         "SAM2_HOST": "127.0.0.1", "SAM2_PORT": str(port), "PYTHONUNBUFFERED": "1",
     }
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed in finally)
     server = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env=env, stdout=log,
                               stderr=subprocess.STDOUT)
     try:

@@ -152,7 +152,8 @@ def test_new_inference_state_has_init_state_keys(manager, video, predictor, refe
     lazy = LazyFrames(session.info.num_frames, predictor.image_size,
                       lambda i: session.frames_dir / f"{i:05d}.jpg")
     state = new_inference_state(predictor, lazy, session.info.height, session.info.width)
-    assert set(state) == set(ref)
+    missing = set(ref) - set(state)
+    assert not missing, f"keys init_state sets that new_inference_state lacks: {missing}"
 
 
 # ----------------------------------------------------------------------------- 1. forward
@@ -284,7 +285,7 @@ def test_two_objects_propagated_both_ways_from_middle(manager, video, reference_
     sid, session = open_session(manager, video)
     n = session.info.num_frames
     start = n // 2
-    obj2_frame, obj2_points = 6, [[130, 100], [140, 20]]
+    obj2_frame, obj2_points = 2, [[130, 100], [140, 20]]
     manager.add_prompt(sid, 1, 1, points=POS_POINTS, labels=POS_LABELS)
     manager.add_prompt(sid, obj2_frame, 2, points=obj2_points, labels=[1, 1])
     result = manager.propagate(sid, start, direction="both")
@@ -301,6 +302,93 @@ def test_two_objects_propagated_both_ways_from_middle(manager, video, reference_
     assert_informative(ref, obj_ids=(1, 2))
     assert_same_labels(server_masks(session, range(n)), ref)
     assert manager.describe(sid)["mask_frames"] == list(range(n))
+
+
+def test_both_directions_start_frame_ends_with_the_backward_result(manager, video,
+                                                                  reference_predictor,
+                                                                  monkeypatch):
+    """With direction "both" the start frame is output twice; the last (backward) output wins.
+
+    The forward pass is made short (start = n-2) and the forward write of the start frame is
+    held until the backward write of the same frame has finished (or 10 s have passed, which
+    is what happens when the server orders writes of one frame). Masks and scores must then
+    be the backward pass's, as with Meta's predictor where the later output replaces the
+    earlier one.
+    """
+    import threading
+
+    sid, session = open_session(manager, video)
+    n = session.info.num_frames
+    start = n - 2
+    real_write = manager._write_frame
+    calls: list[int] = []
+    second_done = threading.Event()
+    lock = threading.Lock()
+
+    def write_frame(sess, frame_idx, labels_map):
+        if frame_idx != start:
+            return real_write(sess, frame_idx, labels_map)
+        with lock:
+            calls.append(frame_idx)
+            nth = calls.count(start)
+        if nth == 1:
+            second_done.wait(10)
+            return real_write(sess, frame_idx, labels_map)
+        try:
+            return real_write(sess, frame_idx, labels_map)
+        finally:
+            second_done.set()
+
+    manager.add_prompt(sid, 0, 1, points=POS_POINTS, labels=POS_LABELS)
+    monkeypatch.setattr(manager, "_write_frame", write_frame)
+    manager.propagate(sid, start, direction="both")
+    assert calls.count(start) == 2
+
+    state = reference_state(reference_predictor, session)
+    ref_add(reference_predictor, state, 0, 1, points=POS_POINTS, labels=POS_LABELS)
+    forward = ref_propagate(reference_predictor, state, start, n - 1)
+    backward = ref_propagate(reference_predictor, state, start, 0)
+    assert (forward[start] != backward[start]).any(), "the two passes must disagree here"
+    assert_same_labels({start: server_mask(session, start)}, {start: backward[start]})
+    score = manager.describe(sid)["scores"][str(start)]["1"]["object_score"]
+    final_logit = state["output_dict_per_obj"][0]["non_cond_frame_outputs"][start][
+        "object_score_logits"].item()
+    assert score == pytest.approx(final_logit, abs=1e-4)
+
+
+def test_object_prompted_after_the_start_frame(manager, video, reference_predictor):
+    """Object 2 is first prompted on a frame after the start of a forward pass.
+
+    Tracking it on the frames before its prompt finds no object pointer, so sam2 concatenates
+    only its bf16 memories and, on the CPU without autocast, the stock predictor raises a dtype
+    error in memory attention. The server widens memories to float32 (exact). The reference
+    here is the stock predictor with the memory cast to float32 where it enters memory
+    attention, which is what torch.cat's type promotion does whenever a pointer is present.
+    """
+    sid, session = open_session(manager, video)
+    n = session.info.num_frames
+    start = n // 2
+    obj2_frame, obj2_points = n - 2, [[130, 100], [140, 20]]
+    manager.add_prompt(sid, 1, 1, points=POS_POINTS, labels=POS_LABELS)
+    manager.add_prompt(sid, obj2_frame, 2, points=obj2_points, labels=[1, 1])
+    result = manager.propagate(sid, start, direction="both")
+    assert result["frames_processed"] == n
+
+    def widen(module, args, kwargs):
+        return args, kwargs | {"memory": kwargs["memory"].float()}
+
+    handle = reference_predictor.memory_attention.register_forward_pre_hook(widen,
+                                                                            with_kwargs=True)
+    try:
+        state = reference_state(reference_predictor, session)
+        ref_add(reference_predictor, state, 1, 1, points=POS_POINTS, labels=POS_LABELS)
+        ref_add(reference_predictor, state, obj2_frame, 2, points=obj2_points, labels=[1, 1])
+        ref = ref_propagate(reference_predictor, state, start, n - 1)
+        ref |= ref_propagate(reference_predictor, state, start, 0)
+    finally:
+        handle.remove()
+    assert_informative(ref, obj_ids=(1, 2))
+    assert_same_labels(server_masks(session, range(n)), ref)
 
 
 # ----------------------------------------------------------------------------- 5. boxes
