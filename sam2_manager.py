@@ -153,6 +153,8 @@ class Session:
     scores: dict[int, dict[int, dict]] = field(default_factory=dict)
     propagations: list[dict] = field(default_factory=list)
     busy_with: str | None = None
+    # Mask/overlay writes of a click still in flight: readers of that frame wait for them.
+    pending_writes: dict[int, Future] = field(default_factory=dict)
 
     @property
     def frames_dir(self) -> Path:
@@ -193,6 +195,22 @@ class Session:
 
     def has_prompts(self) -> bool:
         return any(self.prompts.values())
+
+    def wait_for_write(self, frame_idx: int) -> None:
+        """Return once the frame's mask and overlay files are written (re-raising a failure)."""
+        with self.meta_lock:
+            future = self.pending_writes.get(frame_idx)
+        if future is not None:
+            future.result()
+            with self.meta_lock:
+                if self.pending_writes.get(frame_idx) is future:
+                    del self.pending_writes[frame_idx]
+
+    def drain_writes(self) -> None:
+        with self.meta_lock:
+            frames = list(self.pending_writes)
+        for frame_idx in frames:
+            self.wait_for_write(frame_idx)
 
 
 def _free_device_memory() -> None:
@@ -360,11 +378,18 @@ class SAM2Manager:
             )
         session.busy_with = what
         try:
+            session.drain_writes()
             yield
         finally:
             session.busy_with = None
             session.last_access = time.time()
             session.work_lock.release()
+
+    def _write_later(self, session: Session, frame_idx: int, labels_map: np.ndarray) -> None:
+        """Write a clicked frame's mask and overlay off the request path; readers wait for it."""
+        future = self._writer.submit(self._write_frame, session, frame_idx, labels_map)
+        with session.meta_lock:
+            session.pending_writes[frame_idx] = future
 
     def _restore(self, session_id: str) -> Session | None:
         """Reopen a session closed by a restart or idle expiry from its folder and manifest."""
@@ -478,7 +503,10 @@ class SAM2Manager:
         self.check_frame(session, frame_idx)
         with session.meta_lock:
             has_mask = frame_idx in session.mask_frames
-        return session.overlay_path(frame_idx) if has_mask else self.frame_path(session, frame_idx)
+        if not has_mask:
+            return self.frame_path(session, frame_idx)
+        session.wait_for_write(frame_idx)
+        return session.overlay_path(frame_idx)
 
     def mask_path(self, session: Session, frame_idx: int) -> Path:
         self.check_frame(session, frame_idx)
@@ -487,6 +515,7 @@ class SAM2Manager:
         if not has_mask:
             raise MaskNotFound(f"frame {frame_idx} has no mask yet: annotate it or propagate "
                                f"over it first")
+        session.wait_for_write(frame_idx)
         return session.mask_path(frame_idx)
 
     def _state(self, session: Session) -> dict:
@@ -594,7 +623,7 @@ class SAM2Manager:
                     with self._model_ctx():
                         predictor.remove_object(state, obj_id, need_output=False)
                 raise
-            self._write_frame(session, frame_idx, labels_map)
+            self._write_later(session, frame_idx, labels_map)
             if mask is not None:
                 session.prompt_mask_path(obj_id, frame_idx).parent.mkdir(exist_ok=True)
                 write_png(session.prompt_mask_path(obj_id, frame_idx),
@@ -631,7 +660,7 @@ class SAM2Manager:
                     state, frame_idx, obj_id)
                 labels_map = mask_ops.label_map(video_masks, obj_ids)
                 frame_scores = self._frame_scores(state, frame_idx, temp=True)
-            self._write_frame(session, frame_idx, labels_map)
+            self._write_later(session, frame_idx, labels_map)
             with session.meta_lock:
                 del session.prompts[obj_id][frame_idx]
                 session.scores[frame_idx] = frame_scores

@@ -78,6 +78,7 @@ def ref_add(reference_predictor, state, frame_idx, obj_id, **kwargs) -> np.ndarr
 
 
 def server_mask(session, frame_idx: int) -> np.ndarray:
+    session.wait_for_write(frame_idx)  # a click's files are written off the request path
     path = session.mask_path(frame_idx)
     assert path.is_file(), f"no mask PNG for frame {frame_idx}"
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

@@ -40,6 +40,7 @@ def _labels(masks: torch.Tensor, obj_ids: list[int]) -> np.ndarray:
 
 
 def _server_mask(session, frame_idx):
+    session.wait_for_write(frame_idx)
     return cv2.imread(str(session.mask_path(frame_idx)), cv2.IMREAD_UNCHANGED)
 
 
