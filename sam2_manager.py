@@ -1026,5 +1026,6 @@ class SAM2Manager:
             }
 
     def _save_manifest(self, session: Session) -> None:
-        data = json.dumps(self._manifest(session), indent=1).encode()
+        # Compact: rewritten on every click, and it grows with tracked frames x objects.
+        data = json.dumps(self._manifest(session), separators=(",", ":")).encode()
         atomic_write_bytes(session.manifest_path, data)
