@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -195,6 +196,10 @@ class FrameExtractor:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        # Decoding ahead must not slow the user's clicks: on Linux a thread has its own nice
+        # value (FFmpeg's decoder threads, started from here, inherit it).
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         n = self.info.num_frames
         last: np.ndarray | None = None
         i = 0
