@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import cv2
 import numpy as np
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -192,6 +192,7 @@ class ClearPromptsRequest(BaseModel):
     obj_id: int = Field(1, ge=1, le=255)
 
 
+MAX_MASK_BYTES = 64 * 1024 * 1024
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 409, 422, 503)}
 
 
@@ -375,6 +376,24 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     def refine_mask(session: SessionDep, body: PromptRequest, manager: ManagerDep):
         """Add points to an object's prompts on a frame, keeping the earlier ones."""
         return _prompt(session, body, manager, append=True)
+
+    @app.post("/mask-prompt/{session_id}", response_model=PromptResponse,
+              responses={**ERRORS, 413: {"model": ErrorResponse}}, tags=["prompts"])
+    def mask_prompt(session: SessionDep, manager: ManagerDep,
+                    file: Annotated[UploadFile, File(description="PNG (or any image) mask at "
+                                                     "video resolution; non-zero = object")],
+                    frame_idx: Annotated[int, Form(ge=0)],
+                    obj_id: Annotated[int, Form(ge=1, le=255)] = 1):
+        """Prompt an object on a frame with a mask image (SAM 2's add_new_mask), as multipart."""
+        data = file.file.read(MAX_MASK_BYTES + 1)
+        if len(data) > MAX_MASK_BYTES:
+            raise UploadError(413, "upload_too_large",
+                              f"a mask image may be at most {MAX_MASK_BYTES} bytes")
+        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise InvalidPrompt("the mask file is not a readable image")
+        result = manager.add_prompt(session.id, frame_idx, obj_id, mask=mask)
+        return result | {"obj_id": obj_id} | _urls(session.id, frame_idx)
 
     @app.post("/clear-prompts/{session_id}", responses=ERRORS, tags=["prompts"])
     def clear_prompts(session: SessionDep, body: ClearPromptsRequest, manager: ManagerDep):

@@ -953,3 +953,27 @@ def test_concurrent_requests_on_two_sessions(client, video, settings):
     for sid in ids:
         assert assert_consistent(client, settings, sid)["mask_frames"] == [0, 1, 2, 3]
 
+
+
+def test_mask_prompt_as_multipart(client, session_id):
+    import cv2
+
+    mask = np.zeros((120, 160), np.uint8)
+    mask[30:80, 20:70] = 255
+    png = cv2.imencode(".png", mask)[1].tobytes()
+    r = client.post(f"/mask-prompt/{session_id}", data={"frame_idx": "2", "obj_id": "3"},
+                    files={"file": ("m.png", png, "image/png")})
+    assert r.status_code == 200, r.text
+    assert r.json()["obj_ids"] == [3]
+    session = client.get(f"/session/{session_id}").json()
+    assert session["current_prompts"]["3"]["2"]["mask"] is True
+    assert session["prompts"][-1]["action"] == "mask"
+    # Wrong size, not an image, and a missing field are 422s that register nothing.
+    small = cv2.imencode(".png", mask[:60, :80])[1].tobytes()
+    for files, data in ((("m.png", small, "image/png"), {"frame_idx": "2"}),
+                        (("m.png", b"not an image", "image/png"), {"frame_idx": "2"}),
+                        (("m.png", png, "image/png"), {})):
+        r = client.post(f"/mask-prompt/{session_id}", data=data | {"obj_id": "4"},
+                        files={"file": files})
+        assert r.status_code == 422, r.text
+    assert [o["obj_id"] for o in client.get(f"/session/{session_id}").json()["objects"]] == [3]
