@@ -718,6 +718,8 @@ class SAM2Manager:
                 session.mask_path(f).unlink(missing_ok=True)
                 session.overlay_path(f).unlink(missing_ok=True)
             session.export_path.unlink(missing_ok=True)
+            shutil.rmtree(session.exports_dir, ignore_errors=True)
+            shutil.rmtree(session.prompt_mask_path(1, 0).parent, ignore_errors=True)
             self._save_manifest(session)
         _free_device_memory()
         return {"session_id": session.id, "reset": True, "masks_deleted": len(frames)}
