@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         8, ge=0, description="Fill background holes up to this many low-res pixels (0: off)"
     )
 
+    batch_objects: Literal["auto", "on", "off"] = Field(
+        "auto", description="Track objects whose memories line up as one batch (auto: on CUDA)")
+
     upload_dir: Path = Path("uploads")
     output_dir: Path = Path("outputs")
     host: str = "0.0.0.0"

@@ -41,6 +41,7 @@ class TrackingPredictor(SAM2VideoPredictor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hole_area = 0
+        self.batch_objects = False
         self._tls = threading.local()
 
     def _obj_id_to_idx(self, inference_state, obj_id):
@@ -75,6 +76,120 @@ class TrackingPredictor(SAM2VideoPredictor):
         compact["iou"] = iou.float() if iou is not None else None
         return compact, pred_masks_gpu
 
+
+    # -- tracking several objects in one batch ------------------------------------------------
+    @torch.inference_mode()
+    def propagate_in_video(self, inference_state, start_frame_idx=None,
+                           max_frame_num_to_track=None, reverse=False):
+        """Meta's propagation; with ``batch_objects``, objects whose memories line up on a frame
+        (the same prompted frames and tracked neighbours) go through the model as one batch."""
+        if not self.batch_objects or self._get_obj_num(inference_state) < 2 \
+                or start_frame_idx is None:
+            yield from super().propagate_in_video(inference_state, start_frame_idx,
+                                                  max_frame_num_to_track, reverse)
+            return
+        self.propagate_in_video_preflight(inference_state)
+        num_frames = inference_state["num_frames"]
+        if max_frame_num_to_track is None:
+            max_frame_num_to_track = num_frames
+        if reverse:
+            end = max(start_frame_idx - max_frame_num_to_track, 0)
+            order = range(start_frame_idx, end - 1, -1) if start_frame_idx > 0 else []
+        else:
+            end = min(start_frame_idx + max_frame_num_to_track, num_frames - 1)
+            order = range(start_frame_idx, end + 1)
+        device = inference_state["device"]
+        per_obj = inference_state["output_dict_per_obj"]
+        obj_ids = inference_state["obj_ids"]
+        for frame_idx in order:
+            masks: list[torch.Tensor | None] = [None] * len(obj_ids)
+            groups: dict[tuple, list[int]] = {}
+            for obj_idx in range(len(obj_ids)):
+                cond = per_obj[obj_idx]["cond_frame_outputs"]
+                if frame_idx in cond:
+                    masks[obj_idx] = cond[frame_idx]["pred_masks"].to(device, non_blocking=True)
+                else:
+                    key = self._memory_signature(per_obj[obj_idx], frame_idx, reverse)
+                    groups.setdefault(key, []).append(obj_idx)
+            for group in groups.values():
+                outs, group_masks = self._track_objects(inference_state, group, frame_idx,
+                                                        reverse)
+                for obj_idx, out, mask in zip(group, outs, group_masks, strict=True):
+                    per_obj[obj_idx]["non_cond_frame_outputs"][frame_idx] = out
+                    masks[obj_idx] = mask
+            for obj_idx in range(len(obj_ids)):
+                inference_state["frames_tracked_per_obj"][obj_idx][frame_idx] = {
+                    "reverse": reverse}
+            _, video_res_masks = self._get_orig_video_res_output(
+                inference_state, torch.cat(masks, dim=0))
+            yield frame_idx, obj_ids, video_res_masks
+
+    def _memory_window(self, frame_idx: int, reverse: bool) -> list[int]:
+        reach = max(self.num_maskmem * self.memory_temporal_stride_for_eval,
+                    self.max_obj_ptrs_in_encoder)
+        step = 1 if reverse else -1
+        return [frame_idx + step * d for d in range(1, reach + 1)]
+
+    def _memory_signature(self, output_dict: dict, frame_idx: int, reverse: bool) -> tuple:
+        # Objects whose memory inputs come from the same frames build memory tensors of the
+        # same shape, so they can share one batched pass through the model.
+        non_cond = output_dict["non_cond_frame_outputs"]
+        return (tuple(sorted(output_dict["cond_frame_outputs"])),
+                tuple(t in non_cond for t in self._memory_window(frame_idx, reverse)))
+
+    def _track_objects(self, inference_state: dict, group: list[int], frame_idx: int,
+                       reverse: bool) -> tuple[list[dict], list[torch.Tensor]]:
+        """Track the objects of ``group`` on ``frame_idx`` in one batch; per-object outputs."""
+        size = len(group)
+        dicts = [inference_state["output_dict_per_obj"][i] for i in group]
+        device = inference_state["device"]
+
+        def merged(outs: list[dict]) -> dict:
+            return {
+                "maskmem_features": torch.cat(
+                    [o["maskmem_features"].to(device, non_blocking=True) for o in outs]),
+                "maskmem_pos_enc": [x.expand(size, -1, -1, -1) for x in outs[0]["maskmem_pos_enc"]],
+                "obj_ptr": torch.cat([o["obj_ptr"] for o in outs]),
+            }
+
+        batch_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        for t in dicts[0]["cond_frame_outputs"]:
+            batch_dict["cond_frame_outputs"][t] = merged([d["cond_frame_outputs"][t]
+                                                          for d in dicts])
+        for t in self._memory_window(frame_idx, reverse):
+            if t in dicts[0]["non_cond_frame_outputs"]:
+                batch_dict["non_cond_frame_outputs"][t] = merged(
+                    [d["non_cond_frame_outputs"][t] for d in dicts])
+        _, _, feats, pos_embeds, feat_sizes = self._get_image_feature(
+            inference_state, frame_idx, size)
+        self._tls.iou = None
+        out = self.track_step(
+            frame_idx=frame_idx, is_init_cond_frame=False, current_vision_feats=feats,
+            current_vision_pos_embeds=pos_embeds, feat_sizes=feat_sizes, point_inputs=None,
+            mask_inputs=None, output_dict=batch_dict, num_frames=inference_state["num_frames"],
+            track_in_reverse=reverse, run_mem_encoder=True)
+        # As _run_single_frame_inference stores one object's output, for each of the batch.
+        storage = inference_state["storage_device"]
+        features = out["maskmem_features"].to(torch.bfloat16).to(storage, non_blocking=True)
+        pred_masks = out["pred_masks"]
+        if self.hole_area > 0:
+            pred_masks = fill_small_holes(pred_masks, self.hole_area)
+        pos_enc = self._get_maskmem_pos_enc(inference_state, {"maskmem_pos_enc": [
+            x[0:1] for x in out["maskmem_pos_enc"]]})
+        iou = self._tls.iou
+        outs, masks = [], []
+        for k in range(size):
+            mask = pred_masks[k:k + 1].clone()
+            outs.append({
+                "maskmem_features": self._memory_dtype(features[k:k + 1].clone()),
+                "maskmem_pos_enc": pos_enc,
+                "pred_masks": mask.to(storage, non_blocking=True),
+                "obj_ptr": out["obj_ptr"][k:k + 1].clone(),
+                "object_score_logits": out["object_score_logits"][k:k + 1].clone(),
+                "iou": iou[k:k + 1].float().clone() if iou is not None else None,
+            })
+            masks.append(mask)
+        return outs, masks
 
     def _run_memory_encoder(self, *args, **kwargs):
         features, pos_enc = super()._run_memory_encoder(*args, **kwargs)
@@ -198,7 +313,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
-                    image_size: int | None, fill_hole_area: int) -> TrackingPredictor:
+                    image_size: int | None, fill_hole_area: int,
+                    batch_objects: bool = False) -> TrackingPredictor:
     """Build Meta's video predictor with the overrides this server relies on."""
     overrides = [
         f"++model._target_={TrackingPredictor.__module__}.{TrackingPredictor.__qualname__}",
@@ -216,4 +332,5 @@ def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
     )
     predictor.fill_hole_area = 0  # Meta's version needs sam2._C; ours runs in TrackingPredictor
     predictor.hole_area = fill_hole_area
+    predictor.batch_objects = batch_objects
     return predictor

@@ -248,9 +248,10 @@ class SAM2Manager:
             self.model_status = "loading"
             device = resolve_device(s.device)
             t0 = time.perf_counter()
+            batch = s.batch_objects == "on" or (s.batch_objects == "auto"
+                                                and device.type == "cuda")
             self.predictor = build_predictor(
-                s.model_config_file, path, device, s.image_size, s.fill_hole_area
-            )
+                s.model_config_file, path, device, s.image_size, s.fill_hole_area, batch)
             logger.info("SAM 2 %s loaded on %s in %.1fs", s.model, device,
                         time.perf_counter() - t0)
             self.model_status = "ready"

@@ -124,7 +124,8 @@ class SpillingFrameOutputs(MutableMapping):
                 continue
             if isinstance(value, torch.Tensor):
                 device = value.device
-                packed[key] = value.detach().to("cpu")
+                # clone: a slice of a batched output would otherwise save the whole batch.
+                packed[key] = value.detach().to("cpu").clone()
             else:
                 packed[key] = value
         packed["_device"] = str(device) if device is not None else None
