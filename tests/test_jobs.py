@@ -101,8 +101,11 @@ def test_busy_session_answers_409_while_a_job_runs(client, settings, tmp_path):
                 assert client.get(f"/frame/{sid}/3").status_code == 200
                 client.post(job["cancel_url"])
                 break
-    with client.stream("GET", job["events_url"]) as stream:
-        assert any(line == "event: end" for line in stream.iter_lines())
+    running = client.manager.jobs.get(job["job_id"])
+    version = -1
+    while not running.finished:
+        version = running.wait_change(version, 60)
+    assert client.get(f"/jobs/{job['job_id']}").json()["status"] == "cancelled"
     # Once the job has ended, the session takes prompts again.
     assert client.post(f"/annotate-frame/{sid}", json=body).status_code == 200
 
