@@ -205,6 +205,28 @@ class TrackingPredictor(SAM2VideoPredictor):
         return features
 
 
+def widen_cpu_memories(predictor: SAM2VideoPredictor) -> None:
+    """Give a stock SAM2VideoPredictor the exact bf16 -> float32 widening TrackingPredictor does.
+
+    For the references that tests and the bench drive directly: on the CPU, stock sam2 raises a
+    dtype error when a frame's memories are all bf16 (see TrackingPredictor._memory_dtype).
+    """
+    single, encoder = predictor._run_single_frame_inference, predictor._run_memory_encoder
+
+    def run_single(*args, **kwargs):
+        out, masks = single(*args, **kwargs)
+        if out["maskmem_features"] is not None:
+            out["maskmem_features"] = out["maskmem_features"].float()
+        return out, masks
+
+    def run_encoder(*args, **kwargs):
+        features, pos = encoder(*args, **kwargs)
+        return features.float(), pos
+
+    predictor._run_single_frame_inference = run_single
+    predictor._run_memory_encoder = run_encoder
+
+
 def fill_small_holes(mask_logits: torch.Tensor, max_area: int) -> torch.Tensor:
     """Set background components of at most ``max_area`` pixels to 0.1 (like sam2's CUDA kernel)."""
     holes = (mask_logits <= 0).to("cpu", torch.uint8).numpy()

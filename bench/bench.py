@@ -89,26 +89,6 @@ def prompt_points(n: int, width: int, height: int) -> list[list[float]]:
 
 
 # ----------------------------------------------------------------------------- meta's path
-def widen_cpu_memories(predictor) -> None:
-    """tests/conftest.py ``_widen_cpu_memories``: on the CPU, stock sam2 can raise a bf16/float32
-    dtype error when a frame's memories are all bf16; widening them to float32 is exact (the
-    server does the same in TrackingPredictor._memory_dtype)."""
-    single, encoder = predictor._run_single_frame_inference, predictor._run_memory_encoder
-
-    def run_single(*args, **kwargs):
-        out, masks = single(*args, **kwargs)
-        if out["maskmem_features"] is not None:
-            out["maskmem_features"] = out["maskmem_features"].float()
-        return out, masks
-
-    def run_encoder(*args, **kwargs):
-        features, pos = encoder(*args, **kwargs)
-        return features.float(), pos
-
-    predictor._run_single_frame_inference = run_single
-    predictor._run_memory_encoder = run_encoder
-
-
 def decode_to_jpegs(video: Path, out_dir: Path) -> float:
     """What Meta's README asks for before init_state: the video as 00000.jpg, 00001.jpg, ..."""
     from video_io import iter_rgb_frames, write_jpeg
@@ -179,9 +159,11 @@ def run_meta(a: argparse.Namespace, cuda: bool, work: Path) -> dict:
     except RuntimeError as exc:
         if cuda or "dtype" not in str(exc):
             raise
+        from predictor import widen_cpu_memories
+
         widen_cpu_memories(predictor)
         notes.append(f"meta: stock sam2 raised {str(exc)[:80]!r}; its bf16 memories are widened "
-                     "to float32 (tests/conftest.py _widen_cpu_memories), as the server does")
+                     "to float32 (predictor.widen_cpu_memories), as the server does")
         meta_sequence(predictor, work / "warm", a.objects, cuda)
     decode_s = decode_to_jpegs(a.video, work / "frames")
     base = reset_peaks(cuda)

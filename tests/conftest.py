@@ -28,33 +28,17 @@ def build_reference_predictor(checkpoint: Path):
     """Meta's stock predictor, configured as the server's (same overrides, no hole filling)."""
     from sam2.build_sam import build_sam2_video_predictor
 
+    from predictor import widen_cpu_memories
+
     predictor = build_sam2_video_predictor(
         MODEL_CFG, str(checkpoint), device="cpu",
         hydra_overrides_extra=[f"++model.image_size={IMAGE_SIZE}",
                                "++model.add_all_frames_to_correct_as_cond=true"])
     predictor.fill_hole_area = 0  # needs sam2._C, absent in a SAM2_BUILD_CUDA=0 install
-    _widen_cpu_memories(predictor)
+    # Stock sam2 on the CPU raises a bf16/float32 error in some scenarios; the server widens its
+    # memories (exact), and the reference gets the same widening so both run every scenario.
+    widen_cpu_memories(predictor)
     return predictor
-
-
-def _widen_cpu_memories(predictor) -> None:
-    """Stock sam2 on the CPU raises a bf16/float32 dtype error when a frame's memories are all
-    bf16 (no object pointer promotes the concatenation). The server widens them to float32,
-    which is exact; the reference gets the same widening so both can run every scenario."""
-    single, encoder = predictor._run_single_frame_inference, predictor._run_memory_encoder
-
-    def run_single(*args, **kwargs):
-        out, masks = single(*args, **kwargs)
-        if out["maskmem_features"] is not None:
-            out["maskmem_features"] = out["maskmem_features"].float()
-        return out, masks
-
-    def run_encoder(*args, **kwargs):
-        features, pos = encoder(*args, **kwargs)
-        return features.float(), pos
-
-    predictor._run_single_frame_inference = run_single
-    predictor._run_memory_encoder = run_encoder
 
 
 @pytest.fixture(scope="session")
