@@ -318,6 +318,12 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     @app.post("/upload-video", response_model=UploadResponse, status_code=200,
               responses={413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
                          422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "multipart/form-data": {"schema": {
+                      "type": "object", "required": ["file"],
+                      "properties": {"file": {"type": "string", "format": "binary",
+                                              "description": "The video (mp4, mov, webm, mkv, "
+                                                             "avi...)"}}}}}}},
               tags=["session"])
     async def upload_video(request: Request, manager: ManagerDep):
         """Upload a video (multipart field `file`); answers once frame 0 can be served."""

@@ -808,7 +808,7 @@ class SAM2Manager:
                             pending: deque[Future], t0: float, cancelled: bool) -> None:
         for fut in pending:
             fut.result()
-        record.update(frames=len(written), cancelled=cancelled,
+        record.update(frames=len(set(written)), cancelled=cancelled,
                       first_frame=min(written) if written else None,
                       last_frame=max(written) if written else None,
                       seconds=round(time.perf_counter() - t0, 3))
