@@ -525,10 +525,8 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
                                  headers={"Cache-Control": "no-cache"})
 
 
-app = create_app() if __name__ != "__main__" else None
-
-
 def main() -> None:
+    """``python main.py``; with the uvicorn CLI: ``uvicorn --factory main:create_app``."""
     import uvicorn
 
     settings = get_settings()
