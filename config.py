@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         8, ge=0, description="Fill background holes up to this many low-res pixels (0: off)"
     )
 
+    frame_resize: Literal["auto", "exact", "device"] = Field(
+        "auto", description="exact: PIL as sam2 (identical masks); device: resize on the model's "
+                            "device (auto: device with CUDA)")
     batch_objects: Literal["auto", "on", "off"] = Field(
         "auto", description="Track objects whose memories line up as one batch (auto: on CUDA)")
 

@@ -251,12 +251,17 @@ class LazyFrames:
     """
 
     def __init__(self, num_frames: int, image_size: int, frame_path: Callable[[int], Path],
-                 prefetcher: Executor | None = None, depth: int = 3):
+                 prefetcher: Executor | None = None, depth: int = 3,
+                 resize_on: torch.device | None = None):
         self.num_frames = num_frames
         self.image_size = image_size
         self.frame_path = frame_path
-        self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
-        self._std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
+        # None: PIL, exactly as sam2 (bit-identical masks). A device: OpenCV decode, then a
+        # bicubic antialiased resize there (within 2/255 of PIL; much cheaper on a GPU).
+        self.resize_on = resize_on
+        device = resize_on or torch.device("cpu")
+        self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32, device=device)[:, None, None]
+        self._std = torch.tensor(IMG_STD, dtype=torch.float32, device=device)[:, None, None]
         self._prefetcher = prefetcher
         self._depth = depth
         self._pending: dict[int, Future] = {}
@@ -266,8 +271,25 @@ class LazyFrames:
         return self.num_frames
 
     def load(self, frame_idx: int) -> torch.Tensor:
+        if self.resize_on is not None:
+            return self._load_resized_on_device(frame_idx)
         img, _, _ = _load_img_as_tensor(str(self.frame_path(frame_idx)), self.image_size)
         img = img.to(torch.float32)
+        img -= self._mean
+        img /= self._std
+        return img
+
+    def _load_resized_on_device(self, frame_idx: int) -> torch.Tensor:
+        bgr = cv2.imread(str(self.frame_path(frame_idx)), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise OSError(f"cannot read frame {frame_idx}")
+        rgb = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1)[None]
+        if self.resize_on.type == "cuda":
+            rgb = rgb.pin_memory().to(self.resize_on, non_blocking=True)
+        size = (self.image_size, self.image_size)
+        img = torch.nn.functional.interpolate(rgb.float(), size=size, mode="bicubic",
+                                              antialias=True, align_corners=False)[0]
+        img = img.round_().clamp_(0, 255).div_(255.0)  # PIL hands sam2 rounded uint8
         img -= self._mean
         img /= self._std
         return img

@@ -522,8 +522,11 @@ class SAM2Manager:
     def _state(self, session: Session) -> dict:
         predictor = self._require_model()
         if session.state is None:
+            fast = self.settings.frame_resize == "device" or (
+                self.settings.frame_resize == "auto" and predictor.device.type == "cuda")
             images = LazyFrames(session.info.num_frames, predictor.image_size,
-                                lambda i: self.frame_path(session, i), self._prefetcher)
+                                lambda i: self.frame_path(session, i), self._prefetcher,
+                                resize_on=predictor.device if fast else None)
             shutil.rmtree(session.state_dir, ignore_errors=True)
             state = new_inference_state(
                 predictor, images, session.info.height, session.info.width,
