@@ -155,6 +155,7 @@ class Session:
     busy_with: str | None = None
     # Mask/overlay writes of a click still in flight: readers of that frame wait for them.
     pending_writes: dict[int, Future] = field(default_factory=dict)
+    manifest_write: Future | None = None
 
     @property
     def frames_dir(self) -> Path:
@@ -207,10 +208,14 @@ class Session:
                     del self.pending_writes[frame_idx]
 
     def drain_writes(self) -> None:
+        """Wait for every file write of the session still in flight (masks, overlays, manifest)."""
         with self.meta_lock:
             frames = list(self.pending_writes)
+            manifest = self.manifest_write
         for frame_idx in frames:
             self.wait_for_write(frame_idx)
+        if manifest is not None:
+            manifest.result()
 
 
 def _free_device_memory() -> None:
@@ -234,6 +239,8 @@ class SAM2Manager:
         self._writer = ThreadPoolExecutor(settings.writer_workers, thread_name_prefix="writer")
         self._prefetcher = ThreadPoolExecutor(settings.prefetch_workers,
                                               thread_name_prefix="prefetch")
+        # One thread: manifest writes land in the order they were asked for.
+        self._manifest_writer = ThreadPoolExecutor(1, thread_name_prefix="manifest")
         settings.upload_dir.mkdir(parents=True, exist_ok=True)
         settings.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -475,6 +482,7 @@ class SAM2Manager:
             with contextlib.suppress(ManagerError):
                 self.close_session(sid, delete_files=False)
         self._writer.shutdown(wait=True)
+        self._manifest_writer.shutdown(wait=True)
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self.predictor = None
         _free_device_memory()
@@ -644,7 +652,7 @@ class SAM2Manager:
                     "frame_idx": frame_idx, "obj_id": obj_id, "points": points,
                     "labels": labels, "box": box, "mask": mask is not None, "at": time.time(),
                 })
-            self._save_manifest(session)
+            self._save_manifest(session, wait=False)
         return self._frame_result(session, frame_idx, labels_map, frame_scores)
 
     def clear_prompts(self, session_id: str, obj_id: int, frame_idx: int) -> dict:
@@ -671,7 +679,7 @@ class SAM2Manager:
                 session.history.append({"seq": len(session.history) + 1, "action": "clear",
                                         "frame_idx": frame_idx, "obj_id": obj_id,
                                         "at": time.time()})
-            self._save_manifest(session)
+            self._save_manifest(session, wait=False)
         return self._frame_result(session, frame_idx, labels_map, frame_scores) | {
             "object_removed": False}
 
@@ -792,7 +800,7 @@ class SAM2Manager:
                             written.append(frame_idx)
                             if time.perf_counter() - last_save > 5:
                                 last_save = time.perf_counter()
-                                self._save_manifest(session)
+                                self._save_manifest(session, wait=False)
                             progress.update(frame_idx, len(written), total)
                     # The next pass rewrites the start frame: its earlier write must land first.
                     while pending:
@@ -998,7 +1006,10 @@ class SAM2Manager:
 
     # -- manifest --------------------------------------------------------------------------
     def describe(self, session_id: str) -> dict:
-        return self._manifest(self.get(session_id))
+        """What the manifest holds (once any write in flight has landed, so the two agree)."""
+        session = self.get(session_id)
+        session.drain_writes()
+        return self._manifest(session)
 
     def _manifest(self, session: Session) -> dict:
         with session.meta_lock:
@@ -1031,7 +1042,14 @@ class SAM2Manager:
                 "propagations": [dict(p) for p in session.propagations],
             }
 
-    def _save_manifest(self, session: Session) -> None:
-        # Compact: rewritten on every click, and it grows with tracked frames x objects.
+    def _save_manifest(self, session: Session, wait: bool = True) -> None:
+        """Rewrite the manifest; a click does not wait (it grows with tracked frames x objects)."""
+        future = self._manifest_writer.submit(self._write_manifest, session)
+        with session.meta_lock:
+            session.manifest_write = future
+        if wait:
+            future.result()
+
+    def _write_manifest(self, session: Session) -> None:
         data = json.dumps(self._manifest(session), separators=(",", ":")).encode()
         atomic_write_bytes(session.manifest_path, data)
