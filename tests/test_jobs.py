@@ -94,7 +94,9 @@ def test_busy_session_answers_409_while_a_job_runs(client, settings, tmp_path):
     job = client.post(f"/propagate/{sid}", json={"start_frame": 0, "background": True}).json()
     with client.stream("GET", job["events_url"]) as stream:
         for line in stream.iter_lines():
-            if line.startswith("data:") and json.loads(line[5:])["status"] == "running":
+            # done >= 1: the job reports progress only while it holds the session.
+            if line.startswith("data:") and json.loads(line[5:])["done"] >= 1 \
+                    and json.loads(line[5:])["status"] == "running":
                 r = client.post(f"/annotate-frame/{sid}", json=body)
                 assert r.status_code == 409 and r.json()["error"] == "session_busy"
                 # Files stay readable while the session works.
