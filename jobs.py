@@ -78,6 +78,10 @@ class Job:
             return self.version
 
     def snapshot(self) -> dict:
+        with self._cond:  # status, counts and result from the same moment
+            return self._snapshot()
+
+    def _snapshot(self) -> dict:
         elapsed = None
         if self.started_at is not None:
             elapsed = (self.finished_at or time.time()) - self.started_at
@@ -119,8 +123,11 @@ class JobRunner:
         return job
 
     def _run(self, job: Job, work: Callable[[Progress], Any]) -> None:
-        job.started_at = time.time()
-        job.status = "running"
+        with job._cond:
+            job.started_at = time.time()
+            job.status = "running"
+            job.version += 1
+            job._cond.notify_all()
         try:
             result = work(Progress(job=job, cancel_event=job.cancel_event))
         except JobCancelled as exc:

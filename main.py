@@ -515,10 +515,10 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             version = -1
             while True:
                 version = await run_in_threadpool(job.wait_change, version, 15.0)
-                snap = _job_response(job)
-                event = "end" if job.finished else "progress"
-                yield f"event: {event}\ndata: {json.dumps(snap)}\n\n"
-                if job.finished:
+                snap = _job_response(job)  # one consistent reading: the end is sent as "end"
+                finished = snap["status"] in ("succeeded", "failed", "cancelled")
+                yield f"event: {'end' if finished else 'progress'}\ndata: {json.dumps(snap)}\n\n"
+                if finished:
                     return
 
         return StreamingResponse(stream(), media_type="text/event-stream",
