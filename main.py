@@ -256,7 +256,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        errors = json.loads(json.dumps(exc.errors(), default=str))
+        # Without the offending input: it can be a whole base64 mask.
+        errors = json.loads(json.dumps([{k: v for k, v in err.items() if k != "input"}
+                                        for err in exc.errors()], default=str))
         return _error(422, "validation_error", "; ".join(problems) or "invalid request",
                       errors=errors)
 
@@ -283,7 +285,6 @@ def get_session(session_id: uuid.UUID, manager: ManagerDep) -> Session:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
-FrameIdx = Annotated[int, Field(ge=0)]
 
 
 def _urls(session_id: str, frame_idx: int) -> dict:
