@@ -67,6 +67,9 @@ class Settings(BaseSettings):
                             "device (auto: device with CUDA)")
     batch_objects: Literal["auto", "on", "off"] = Field(
         "auto", description="Track objects whose memories line up as one batch (auto: on CUDA)")
+    warm_up: bool = Field(
+        True, description="Run each kind of model call once at start-up, behind /health = 503, "
+                          "so the first user click does not pay for CUDA set-up")
 
     upload_dir: Path = Path("uploads")
     output_dir: Path = Path("outputs")

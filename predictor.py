@@ -344,6 +344,31 @@ def new_inference_state(predictor: SAM2VideoPredictor, images, video_height: int
     }
 
 
+def warm_up(predictor: SAM2VideoPredictor, frames: int = 3, objects: int = 2) -> None:
+    """Run every kind of model call once on a throwaway state: a click, a second object, a
+    propagation (memory encoder, memory attention, batched objects) and a refinement.
+
+    The first CUDA call of each kind pays for context set-up, library handles and kernel
+    loading (seconds on a GPU); doing it here, while /health still says 503, keeps that off the
+    first user's click. Nothing is kept: the state is dropped. Call it inside inference_mode
+    (and autocast on CUDA), as the server does for real work.
+    """
+    size = predictor.image_size
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(frames, 3, size, size, generator=gen).to(predictor.device)
+    state = new_inference_state(predictor, images, size, size)
+    for obj_id in range(1, objects + 1):
+        point = [[size * obj_id / (objects + 1), size / 2]]
+        predictor.add_new_points_or_box(state, 0, obj_id, points=point, labels=[1])
+    for _ in predictor.propagate_in_video(state, start_frame_idx=0):
+        pass
+    predictor.add_new_points_or_box(state, frames - 1, 1, points=[[size / 4, size / 4]],
+                                    labels=[0], clear_old_points=False)
+    if predictor.device.type == "cuda":
+        torch.cuda.synchronize(predictor.device)
+    del state, images
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():

@@ -29,7 +29,7 @@ import masks as mask_ops
 from checkpoints import ensure_checkpoint
 from config import Settings
 from jobs import Job, JobCancelled, JobRunner, Progress
-from predictor import LazyFrames, build_predictor, new_inference_state, resolve_device
+from predictor import LazyFrames, build_predictor, new_inference_state, resolve_device, warm_up
 from video_io import (
     FrameExtractor,
     VideoInfo,
@@ -233,6 +233,7 @@ class SAM2Manager:
         self._sessions_lock = threading.Lock()
         self.predictor = predictor
         self.model_status = "ready" if predictor is not None else "not_loaded"
+        self.warm_up_s: float | None = None
         self.model_detail: str | None = None
         self.download: dict | None = None
         self.jobs = JobRunner()
@@ -261,6 +262,13 @@ class SAM2Manager:
                 s.model_config_file, path, device, s.image_size, s.fill_hole_area, batch)
             logger.info("SAM 2 %s loaded on %s in %.1fs", s.model, device,
                         time.perf_counter() - t0)
+            if s.warm_up:
+                self.model_status = "warming_up"
+                t0 = time.perf_counter()
+                with self._model_ctx():
+                    warm_up(self.predictor)
+                self.warm_up_s = round(time.perf_counter() - t0, 3)
+                logger.info("model calls warmed up in %.2fs", self.warm_up_s)
             self.model_status = "ready"
             self.model_detail = None
         except Exception as exc:  # surfaced by /health; the server keeps serving files
@@ -282,6 +290,8 @@ class SAM2Manager:
             detail = f"downloading {s.checkpoint_download_url} to {s.checkpoint_path}"
         elif self.model_status in ("loading", "not_loaded"):
             detail = "the model is loading"
+        elif self.model_status == "warming_up":
+            detail = "the model is running its warm-up calls"
         return {
             "status": "ok" if self.ready else "unavailable",
             "model": s.model,
@@ -291,6 +301,7 @@ class SAM2Manager:
             "checkpoint": str(s.checkpoint_path),
             "device": str(self.predictor.device) if self.predictor is not None else s.device,
             "image_size": self.predictor.image_size if self.predictor is not None else s.image_size,
+            "warm_up_s": self.warm_up_s,
             "sessions": len(self.sessions),
             "max_sessions": s.max_sessions,
         }
