@@ -155,7 +155,9 @@ class Session:
     busy_with: str | None = None
     # Mask/overlay writes of a click still in flight: readers of that frame wait for them.
     pending_writes: dict[int, Future] = field(default_factory=dict)
-    manifest_write: Future | None = None
+    manifest_write: Future | None = None   # the last manifest rewrite submitted
+    manifest_queued: Future | None = None  # one submitted but not yet started: it will see
+                                           # every change made before it starts
 
     @property
     def frames_dir(self) -> Path:
@@ -207,15 +209,16 @@ class Session:
                 if self.pending_writes.get(frame_idx) is future:
                     del self.pending_writes[frame_idx]
 
-    def drain_writes(self) -> None:
-        """Wait for every file write of the session still in flight (masks, overlays, manifest)."""
+    def drain_writes(self, manifest: bool = True) -> None:
+        """Wait for every file write of the session still in flight (masks, overlays and, with
+        ``manifest``, the manifest)."""
         with self.meta_lock:
             frames = list(self.pending_writes)
-            manifest = self.manifest_write
+            manifest_write = self.manifest_write if manifest else None
         for frame_idx in frames:
             self.wait_for_write(frame_idx)
-        if manifest is not None:
-            manifest.result()
+        if manifest_write is not None:
+            manifest_write.result()
 
 
 def _free_device_memory() -> None:
@@ -397,7 +400,9 @@ class SAM2Manager:
             )
         session.busy_with = what
         try:
-            session.drain_writes()
+            # A click's mask files must land before anything rewrites that frame. Manifest
+            # rewrites need no wait: they run in order on one thread, each from a fresh snapshot.
+            session.drain_writes(manifest=False)
             yield
         finally:
             session.busy_with = None
@@ -465,6 +470,7 @@ class SAM2Manager:
         for job in self.jobs.for_session(session_id):
             job.cancel_event.set()
         with self._working(session, "closing"):
+            session.drain_writes()
             with self._sessions_lock:
                 self.sessions.pop(session_id, None)
             session.extractor.stop()
@@ -1054,13 +1060,25 @@ class SAM2Manager:
             }
 
     def _save_manifest(self, session: Session, wait: bool = True) -> None:
-        """Rewrite the manifest; a click does not wait (it grows with tracked frames x objects)."""
-        future = self._manifest_writer.submit(self._write_manifest, session)
+        """Rewrite the manifest; a click does not wait (it grows with tracked frames x objects).
+
+        Rewrites coalesce: while one is queued and not yet started, it will take in this change
+        too, so a burst of clicks costs one rewrite, not one each.
+        """
         with session.meta_lock:
-            session.manifest_write = future
+            future = session.manifest_queued
+            if future is None:
+                future = self._manifest_writer.submit(self._write_manifest, session)
+                session.manifest_queued = session.manifest_write = future
         if wait:
             future.result()
 
     def _write_manifest(self, session: Session) -> None:
+        with session.meta_lock:
+            session.manifest_queued = None  # a change from now on queues another rewrite
         data = json.dumps(self._manifest(session), separators=(",", ":")).encode()
-        atomic_write_bytes(session.manifest_path, data)
+        try:
+            atomic_write_bytes(session.manifest_path, data)
+        except OSError:  # nobody may wait on this write: say it here too
+            logger.exception("session %s: the manifest could not be written", session.id)
+            raise

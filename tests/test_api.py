@@ -977,3 +977,28 @@ def test_mask_prompt_as_multipart(client, session_id):
                         files={"file": files})
         assert r.status_code == 422, r.text
     assert [o["obj_id"] for o in client.get(f"/session/{session_id}").json()["objects"]] == [3]
+
+
+def test_a_burst_of_clicks_costs_one_manifest_rewrite(client, session_id, settings, monkeypatch):
+    """While a rewrite is queued, later clicks join it; the file still ends with every click."""
+    mgr = client.manager
+    annotate_ok(client, session_id)
+    mgr.get(session_id).drain_writes()
+    rewrites = []
+    real = mgr._write_manifest
+    monkeypatch.setattr(mgr, "_write_manifest", lambda s: (rewrites.append(1), real(s)))
+    gate = threading.Event()
+    blocker = mgr._manifest_writer.submit(gate.wait)  # the single manifest thread is busy
+    clicks = [[10 + 5 * k, 20] for k in range(6)]
+    for point in clicks:
+        r = client.post(f"/refine-mask/{session_id}",
+                        json={"frame_idx": 0, "points": [{"x": point[0], "y": point[1], "label": 0}]})
+        assert r.status_code == 200, r.text
+    assert rewrites == []  # nothing written yet: one rewrite is queued behind the blocker
+    gate.set()
+    blocker.result()
+    mgr.get(session_id).drain_writes()
+    assert len(rewrites) == 1
+    manifest = json.loads((settings.output_dir / session_id / "session.json").read_text())
+    refines = [p for p in manifest["prompts"] if p["action"] == "refine"]
+    assert [p["points"][-1] for p in refines] == [[float(x), float(y)] for x, y in clicks]
