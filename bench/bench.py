@@ -73,6 +73,39 @@ def peaks(base: dict, cuda: bool) -> dict:
     return out
 
 
+def state_mib(inference_state: dict) -> dict:
+    """MiB of tensors an inference state holds in memory: the frames (``images``) and the rest
+    (tracking state, cached features, prompts). This is what sits on the model's device, so on
+    the CPU it stands in for GPU memory. Entries spilled to disk are not read back."""
+    import torch
+
+    from predictor import LazyFrames
+    from state_store import SpillingFrameOutputs
+
+    seen: set[int] = set()
+
+    def walk(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() in seen:
+                return 0
+            seen.add(storage.data_ptr())
+            return storage.nbytes()
+        if isinstance(obj, SpillingFrameOutputs):
+            return sum(walk(v) for v in obj._mem.values())
+        if isinstance(obj, LazyFrames):
+            return 0  # a frame exists only while the model reads it (plus prefetch, depth 3)
+        if isinstance(obj, dict):
+            return sum(walk(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(walk(v) for v in obj)
+        return 0
+
+    frames = walk(inference_state["images"])
+    rest = walk({k: v for k, v in inference_state.items() if k != "images"})
+    return {"frames_mib": frames / 2**20, "state_mib": rest / 2**20}
+
+
 def median_ms(fn, times: int = CLICKS) -> float:
     samples = []
     for _ in range(times):
@@ -130,12 +163,14 @@ def meta_sequence(predictor, frames_dir: Path, objects: int, cuda: bool) -> dict
 
         r["click_ms"] = median_ms(click)
         r["propagate_fps"] = propagate(state)
+        r |= state_mib(state)
         r["click_after_ms"] = median_ms(click)
         if objects > 1:
             predictor.reset_state(state)
             for k, p in enumerate(pts):
                 predictor.add_new_points_or_box(state, 0, k + 1, points=[p], labels=[1])
             r["propagate_fps_multi"] = propagate(state)
+            r["state_mib_multi"] = state_mib(state)["state_mib"]
     return r
 
 
@@ -206,6 +241,7 @@ def ours_sequence(manager, video: Path, objects: int) -> dict:
     t0 = time.perf_counter()
     done = manager.propagate(sid, 0, n - 1)["frames_processed"]
     r["propagate_fps"] = done / (time.perf_counter() - t0)
+    r |= state_mib(session.state)
     r["click_after_ms"] = median_ms(click)
     if objects > 1:
         manager.reset(sid)
@@ -214,6 +250,7 @@ def ours_sequence(manager, video: Path, objects: int) -> dict:
         t0 = time.perf_counter()
         done = manager.propagate(sid, 0, n - 1)["frames_processed"]
         r["propagate_fps_multi"] = done / (time.perf_counter() - t0)
+        r["state_mib_multi"] = state_mib(session.state)["state_mib"]
     manager.close_session(sid, delete_files=True)
     return r
 
@@ -298,6 +335,9 @@ def table(run: dict, objects: int) -> str:
             ("click_after_ms", "click after propagate ms", False)]
     if objects > 1:
         rows.append(("propagate_fps_multi", f"propagate FPS {objects} obj", True))
+    rows += [("frames_mib", "frames held MiB", False), ("state_mib", "tracking state MiB", False)]
+    if objects > 1:
+        rows.append(("state_mib_multi", f"tracking state {objects} obj", False))
     rows += [("peak_host_mib", "peak host MiB", False), ("peak_gpu_mib", "peak GPU MiB", False)]
     meta, ours = run.get("meta") or {}, run["ours"]
     lines = [f"{'metric':24} {'meta':>9} {'ours':>9} {'ratio':>7}"]
@@ -318,8 +358,8 @@ def table(run: dict, objects: int) -> str:
 
 
 def scaling(runs: list[dict]) -> str:
-    keys = [("first_mask_s", "first mask s"), ("peak_host_mib", "host MiB"),
-            ("peak_gpu_mib", "GPU MiB")]
+    keys = [("first_mask_s", "first mask s"), ("state_mib", "state MiB"),
+            ("peak_host_mib", "host MiB"), ("peak_gpu_mib", "GPU MiB")]
     head = f"{'frames':>7} " + " ".join(f"{label + ' ' + p:>17}" for _, label in keys
                                          for p in ("meta", "ours"))
     lines = [head]

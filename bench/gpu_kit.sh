@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Runs the GPU benchmark cells on a machine without network access (Python 3.12, torch present).
+#
+#   bash bench/gpu_kit.sh wheels        # here, with network: Python 3.12 wheels into .whl/
+#   bash bench/gpu_kit.sh install       # there: install .whl/ into /tmp/site (prints the export)
+#   bash bench/gpu_kit.sh cell NAME...  # there: run bench cells, JSON + tables into $OUT (or bench-out/)
+#
+# Cells, most telling first (each prints one table; see bench/README.md):
+#   tiny1080-300   tiny, 1920x1080, 300 frames, 3 objects, Meta vs ours
+#   tiny1080-3000  tiny, 1920x1080, 3000 frames, ours only (Meta's init_state needs ~36 GB of frames)
+#   large1080-300  large, 1920x1080, 300 frames, 1 object, Meta vs ours
+#   tiny720-300    tiny, 1280x720, 300 frames, Meta vs ours
+#   large720-300   large, 1280x720, 300 frames, Meta vs ours
+#   first-mask     upload -> first mask over HTTP, 300 and 3000 frames (bench/first_mask.py)
+# BENCH_ARGS / FIRST_MASK_ARGS are appended to a cell's flags (later flags win), e.g. for a dry
+# run on a CPU: BENCH_ARGS="--width 160 --height 120 --frames 5 --image-size 256".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# What the device image lacks (its package list is in the device tool's KINDS.md), pinned to
+# the versions CI uses. torch, torchvision, numpy, pillow, opencv, httpx, tqdm, pyyaml, anyio,
+# h11, portalocker and typing-extensions are already there.
+WHEELS=(
+  fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 pydantic==2.14.3 pydantic_core==2.50.4
+  pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5
+  uvicorn==0.54.0 python-multipart==0.0.34 hydra-core==1.3.8 omegaconf==2.3.1
+  antlr4-python3-runtime==4.9.3 iopath==0.1.10 av==18.1.0 typing_extensions==4.16.0
+  opentelemetry-api==1.45.2
+)
+
+wheels() {
+  local exclude
+  exclude=$(git rev-parse --git-path info/exclude)
+  mkdir -p "$(dirname "$exclude")"
+  grep -qx '/.whl/' "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"
+  mkdir -p .whl
+  local plat=()
+  for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
+    plat+=(--platform "$p")
+  done
+  for w in "${WHEELS[@]}"; do  # one at a time: the sdist-only ones need the fallback below
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp "${plat[@]}" -d .whl "$w" 2>/dev/null \
+    || python3 -m pip wheel -q --no-deps -w .whl "$w"   # pure-Python sdists (antlr4, iopath)
+  done
+  # sam2 is an sdist needing torch at build time; without CUDA it builds a py3-none-any wheel.
+  SAM2_BUILD_CUDA=0 .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl sam2==1.1.0
+  ls -1 .whl && du -sh .whl
+}
+
+install() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  echo "export PYTHONPATH=/tmp/site"
+}
+
+cell() {
+  local out="${OUT:-bench-out}"
+  mkdir -p "$out"
+  export PYTHONUNBUFFERED=1
+  for name in "$@"; do
+    local args
+    case "$name" in
+      tiny1080-300)  args="--model tiny --width 1920 --height 1080 --frames 300 --objects 3" ;;
+      tiny1080-3000) args="--model tiny --width 1920 --height 1080 --frames 3000 --skip-meta" ;;
+      large1080-300) args="--model large --width 1920 --height 1080 --frames 300" ;;
+      tiny720-300)   args="--model tiny --width 1280 --height 720 --frames 300" ;;
+      large720-300)  args="--model large --width 1280 --height 720 --frames 300" ;;
+      first-mask)
+        python3 bench/first_mask.py --frames 300,3000 --width 1920 --height 1080 ${FIRST_MASK_ARGS:-} \
+          2>&1 | tee "$out/$name.txt"
+        continue ;;
+      *) echo "unknown cell $name" >&2; exit 2 ;;
+    esac
+    # shellcheck disable=SC2086
+    python3 bench/bench.py $args ${BENCH_ARGS:-} --json "$out/$name.json" 2>&1 | tee "$out/$name.txt"
+  done
+}
+
+case "${1:-}" in
+  wheels) wheels ;;
+  install) install ;;
+  cell) shift; cell "$@" ;;
+  *) sed -n 2,16p "$0"; exit 2 ;;
+esac
