@@ -155,6 +155,10 @@ class Session:
     busy_with: str | None = None
     # Mask/overlay writes of a click still in flight: readers of that frame wait for them.
     pending_writes: dict[int, Future] = field(default_factory=dict)
+    # Each write of a frame's files takes a number; a write overtaken by a later one for the
+    # same frame is skipped, so nothing has to wait for an earlier write before queueing one.
+    write_seq: dict[int, int] = field(default_factory=dict)
+    write_locks: tuple = field(default_factory=lambda: tuple(threading.Lock() for _ in range(16)))
     manifest_write: Future | None = None   # the last manifest rewrite submitted
     manifest_queued: Future | None = None  # one submitted but not yet started: it will see
                                            # every change made before it starts
@@ -392,7 +396,7 @@ class SAM2Manager:
         return session
 
     @contextlib.contextmanager
-    def _working(self, session: Session, what: str):
+    def _working(self, session: Session, what: str, drain: bool = True):
         if not session.work_lock.acquire(timeout=self.settings.session_lock_timeout_s):
             raise SessionBusy(
                 f"session {session.id} is busy ({session.busy_with}); wait for it to finish or "
@@ -400,9 +404,11 @@ class SAM2Manager:
             )
         session.busy_with = what
         try:
-            # A click's mask files must land before anything rewrites that frame. Manifest
-            # rewrites need no wait: they run in order on one thread, each from a fresh snapshot.
-            session.drain_writes(manifest=False)
+            # Work that reads or deletes mask files waits for writes in flight; clicks and
+            # propagation only queue writes, ordered per frame (_claim_write). Manifest rewrites
+            # need no wait: they run in order on one thread, each from a fresh snapshot.
+            if drain:
+                session.drain_writes(manifest=False)
             yield
         finally:
             session.busy_with = None
@@ -411,9 +417,17 @@ class SAM2Manager:
 
     def _write_later(self, session: Session, frame_idx: int, labels_map: np.ndarray) -> None:
         """Write a clicked frame's mask and overlay off the request path; readers wait for it."""
-        future = self._writer.submit(self._write_frame, session, frame_idx, labels_map)
         with session.meta_lock:
+            seq = self._claim_write(session, frame_idx)
+            future = self._writer.submit(self._write_frame, session, frame_idx, labels_map, seq)
             session.pending_writes[frame_idx] = future
+
+    @staticmethod
+    def _claim_write(session: Session, frame_idx: int) -> int:
+        with session.meta_lock:
+            seq = session.write_seq.get(frame_idx, 0) + 1
+            session.write_seq[frame_idx] = seq
+            return seq
 
     def _restore(self, session_id: str) -> Session | None:
         """Reopen a session closed by a restart or idle expiry from its folder and manifest."""
@@ -629,7 +643,7 @@ class SAM2Manager:
         points = [[float(x), float(y)] for x, y in (points or [])]
         labels = [int(v) for v in (labels or [])]
         self._validate_prompt(session, frame_idx, obj_id, points, labels, box, mask)
-        with self._working(session, "prompt"):
+        with self._working(session, "prompt", drain=False):
             predictor = self._require_model()
             state = self._state(session)
             old = session.prompts.get(obj_id, {}).get(frame_idx)
@@ -676,7 +690,7 @@ class SAM2Manager:
         """Remove one object's prompts on one frame (removing the object if none remain)."""
         session = self.get(session_id)
         self.check_frame(session, frame_idx, "frame_idx")
-        with self._working(session, "prompt"):
+        with self._working(session, "prompt", drain=False):
             if frame_idx not in session.prompts.get(obj_id, {}):
                 raise InvalidPrompt(f"object {obj_id} has no prompts on frame {frame_idx}")
             if len(session.prompts[obj_id]) == 1:
@@ -709,6 +723,7 @@ class SAM2Manager:
         if obj_id not in session.objects:
             raise ObjectNotFound(f"session has no object {obj_id}; objects: "
                                  f"{sorted(session.objects)}")
+        session.drain_writes(manifest=False)  # its masks are read back below
         predictor = self._require_model()
         state = self._state(session)
         with self._model_ctx():
@@ -785,7 +800,7 @@ class SAM2Manager:
         session = self.get(session_id)
         passes = self.plan_propagation(session, start_frame, end_frame, direction, max_frames)
         progress = progress or Progress()
-        with self._working(session, "propagation"):
+        with self._working(session, "propagation", drain=False):
             predictor = self._require_model()
             if not session.has_prompts():
                 raise NoPrompts("nothing to propagate: add points, a box or a mask on a frame "
@@ -811,7 +826,8 @@ class SAM2Manager:
                             labels_map = mask_ops.label_map(video_masks, obj_ids)
                             scores = self._frame_scores(state, frame_idx, temp=False)
                             pending.append(self._writer.submit(
-                                self._write_and_record, session, frame_idx, labels_map, scores))
+                                self._write_and_record, session, frame_idx, labels_map, scores,
+                                self._claim_write(session, frame_idx)))
                             while len(pending) > 2 * self.settings.writer_workers + 2:
                                 pending.popleft().result()
                             written.append(frame_idx)
@@ -905,16 +921,23 @@ class SAM2Manager:
             for (obj_id, _), (score, iou) in zip(found, values, strict=True)
         }
 
-    def _write_frame(self, session: Session, frame_idx: int, labels_map: np.ndarray) -> None:
-        write_png(session.mask_path(frame_idx), labels_map)
-        rgb = read_rgb(self.frame_path(session, frame_idx))
-        write_jpeg(session.overlay_path(frame_idx), mask_ops.overlay(rgb, labels_map),
-                   self.settings.jpeg_quality)
+    def _write_frame(self, session: Session, frame_idx: int, labels_map: np.ndarray,
+                     seq: int | None = None) -> bool:
+        """Write the frame's mask and overlay, unless a later write (``seq``) overtook this one."""
+        with session.write_locks[frame_idx % len(session.write_locks)]:
+            if seq is not None and session.write_seq.get(frame_idx) != seq:
+                return False
+            write_png(session.mask_path(frame_idx), labels_map)
+            rgb = read_rgb(self.frame_path(session, frame_idx))
+            write_jpeg(session.overlay_path(frame_idx), mask_ops.overlay(rgb, labels_map),
+                       self.settings.jpeg_quality)
+            return True
 
     def _write_and_record(self, session: Session, frame_idx: int, labels_map: np.ndarray,
-                          scores: dict) -> None:
+                          scores: dict, seq: int) -> None:
         # Recorded only once its files exist, so a reader never gets a listed but missing mask.
-        self._write_frame(session, frame_idx, labels_map)
+        if not self._write_frame(session, frame_idx, labels_map, seq):
+            return  # a later pass writes and records this frame
         with session.meta_lock:
             session.mask_frames.add(frame_idx)
             session.scores[frame_idx] = scores
@@ -924,7 +947,7 @@ class SAM2Manager:
         if labels_map is None or not (labels_map == obj_id).any():
             return
         labels_map[labels_map == obj_id] = 0
-        self._write_frame(session, frame_idx, labels_map)
+        self._write_frame(session, frame_idx, labels_map, self._claim_write(session, frame_idx))
 
     def _run_writes(self, session: Session, frames: list[int], fn) -> None:
         for fut in [self._writer.submit(fn, f) for f in frames]:

@@ -16,6 +16,8 @@ from conftest import label_png
 from fastapi.testclient import TestClient
 from media import frame_rgb, make_video
 
+import masks as mask_ops
+import sam2_manager
 from main import create_app
 from sam2_manager import SAM2Manager
 
@@ -906,12 +908,12 @@ def test_masks_reported_during_propagation_are_servable(client, prompted, monkey
     gate = threading.Event()
     real_write = mgr._write_frame
 
-    def slow_write(session, frame_idx, labels_map):
+    def slow_write(session, frame_idx, labels_map, seq=None):
         if frame_idx == 3:
             # Hold this frame's files back until the test has looked (a fix that makes the read
             # wait for the write would pass too, after this timeout).
             gate.wait(timeout=20)
-        real_write(session, frame_idx, labels_map)
+        return real_write(session, frame_idx, labels_map, seq)
 
     monkeypatch.setattr(mgr, "_write_frame", slow_write)
     r = client.post(f"/propagate/{prompted}", json={"background": True})
@@ -1002,3 +1004,46 @@ def test_a_burst_of_clicks_costs_one_manifest_rewrite(client, session_id, settin
     manifest = json.loads((settings.output_dir / session_id / "session.json").read_text())
     refines = [p for p in manifest["prompts"] if p["action"] == "refine"]
     assert [p["points"][-1] for p in refines] == [[float(x), float(y)] for x, y in clicks]
+
+
+def test_clicks_queue_file_writes_without_waiting_and_the_last_one_wins(client, session_id,
+                                                                        monkeypatch):
+    """A click does not wait for the previous click's mask/overlay writes; an overtaken write
+    of the same frame is skipped, and the file ends as the last click left it."""
+    mgr = client.manager
+    session = mgr.get(session_id)
+    annotate_ok(client, session_id)
+    session.drain_writes()
+    written = []
+    real_png = sam2_manager.write_png
+    monkeypatch.setattr(sam2_manager, "write_png",
+                        lambda path, labels: (written.append(path.name), real_png(path, labels)))
+    gate = threading.Event()
+    blockers = [mgr._writer.submit(gate.wait) for _ in range(mgr.settings.writer_workers)]
+    results = []
+
+    def clicks():  # a second and a third object on frame 0, while no write can run
+        for obj_id, point in ((2, (110, 90, 1)), (3, (40, 95, 1))):
+            results.append(annotate_ok(client, session_id, obj_id=obj_id, points=[point]))
+
+    clicker = threading.Thread(target=clicks)
+    clicker.start()
+    try:
+        clicker.join(timeout=120)  # a bound for a failure, not a synchronisation
+        assert not clicker.is_alive(), "a click waited for an earlier click's file writes"
+        assert written == []  # both writes are still queued behind the blockers
+    finally:
+        gate.set()
+    clicker.join()
+    for b in blockers:
+        b.result()
+    session.drain_writes()
+    assert written == ["00000.png"]  # the overtaken write was skipped
+    last = results[-1]
+    assert sorted(last["obj_ids"]) == [1, 2, 3]
+    assert results[0]["mask_area"] != last["mask_area"]  # else the check below shows nothing
+    r = client.get(f"/mask/{session_id}/0")
+    assert r.status_code == 200
+    labels = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert {int(k): v for k, v in last["mask_area"].items()} == mask_ops.areas(labels)
+    assert client.get(f"/overlay/{session_id}/0").status_code == 200

@@ -326,17 +326,17 @@ def test_both_directions_start_frame_ends_with_the_backward_result(manager, vide
     second_done = threading.Event()
     lock = threading.Lock()
 
-    def write_frame(sess, frame_idx, labels_map):
+    def write_frame(sess, frame_idx, labels_map, seq=None):
         if frame_idx != start:
-            return real_write(sess, frame_idx, labels_map)
+            return real_write(sess, frame_idx, labels_map, seq)
         with lock:
             calls.append(frame_idx)
             nth = calls.count(start)
         if nth == 1:
             second_done.wait(10)
-            return real_write(sess, frame_idx, labels_map)
+            return real_write(sess, frame_idx, labels_map, seq)
         try:
-            return real_write(sess, frame_idx, labels_map)
+            return real_write(sess, frame_idx, labels_map, seq)
         finally:
             second_done.set()
 
