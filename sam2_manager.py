@@ -213,6 +213,13 @@ class Session:
                 if self.pending_writes.get(frame_idx) is future:
                     del self.pending_writes[frame_idx]
 
+    def claim_write(self, frame_idx: int) -> int:
+        """The number of a new write of the frame's files; earlier ones not yet done are skipped."""
+        with self.meta_lock:
+            seq = self.write_seq.get(frame_idx, 0) + 1
+            self.write_seq[frame_idx] = seq
+            return seq
+
     def drain_writes(self, manifest: bool = True) -> None:
         """Wait for every file write of the session still in flight (masks, overlays and, with
         ``manifest``, the manifest)."""
@@ -405,8 +412,8 @@ class SAM2Manager:
         session.busy_with = what
         try:
             # Work that reads or deletes mask files waits for writes in flight; clicks and
-            # propagation only queue writes, ordered per frame (_claim_write). Manifest rewrites
-            # need no wait: they run in order on one thread, each from a fresh snapshot.
+            # propagation only queue writes, ordered per frame (Session.claim_write). Manifest
+            # rewrites need no wait: they run in order on one thread, each from a fresh snapshot.
             if drain:
                 session.drain_writes(manifest=False)
             yield
@@ -418,16 +425,9 @@ class SAM2Manager:
     def _write_later(self, session: Session, frame_idx: int, labels_map: np.ndarray) -> None:
         """Write a clicked frame's mask and overlay off the request path; readers wait for it."""
         with session.meta_lock:
-            seq = self._claim_write(session, frame_idx)
+            seq = session.claim_write(frame_idx)
             future = self._writer.submit(self._write_frame, session, frame_idx, labels_map, seq)
             session.pending_writes[frame_idx] = future
-
-    @staticmethod
-    def _claim_write(session: Session, frame_idx: int) -> int:
-        with session.meta_lock:
-            seq = session.write_seq.get(frame_idx, 0) + 1
-            session.write_seq[frame_idx] = seq
-            return seq
 
     def _restore(self, session_id: str) -> Session | None:
         """Reopen a session closed by a restart or idle expiry from its folder and manifest."""
@@ -827,7 +827,7 @@ class SAM2Manager:
                             scores = self._frame_scores(state, frame_idx, temp=False)
                             pending.append(self._writer.submit(
                                 self._write_and_record, session, frame_idx, labels_map, scores,
-                                self._claim_write(session, frame_idx)))
+                                session.claim_write(frame_idx)))
                             while len(pending) > 2 * self.settings.writer_workers + 2:
                                 pending.popleft().result()
                             written.append(frame_idx)
@@ -947,7 +947,7 @@ class SAM2Manager:
         if labels_map is None or not (labels_map == obj_id).any():
             return
         labels_map[labels_map == obj_id] = 0
-        self._write_frame(session, frame_idx, labels_map, self._claim_write(session, frame_idx))
+        self._write_frame(session, frame_idx, labels_map, session.claim_write(frame_idx))
 
     def _run_writes(self, session: Session, frames: list[int], fn) -> None:
         for fut in [self._writer.submit(fn, f) for f in frames]:
