@@ -108,6 +108,21 @@ def assert_informative(labels: dict[int, np.ndarray], obj_ids=(1,)) -> None:
     assert any((m == 0).any() for m in labels.values()), "no background anywhere"
 
 
+def assert_one_click_run_matches(reference_predictor, session, click_frame: int, end: int,
+                                 annotated: np.ndarray) -> None:
+    """Meta's predictor, given the server's one click on ``click_frame`` and one propagation to
+    ``end``, gives the same click mask and the same mask on every frame as the server did."""
+    n = session.info.num_frames
+    state = reference_state(reference_predictor, session)
+    clicked = ref_add(reference_predictor, state, click_frame, 1, points=POS_POINTS,
+                      labels=POS_LABELS)
+    assert_same_labels({click_frame: annotated}, {click_frame: clicked})
+    ref = ref_propagate(reference_predictor, state, click_frame, end)
+    assert sorted(ref) == list(range(n))
+    assert_informative(ref)
+    assert_same_labels(server_masks(session, range(n)), ref)
+
+
 # ----------------------------------------------------------------------------- frames
 def test_server_frames_are_what_the_reference_reads(manager, video, reference_predictor):
     sid, session = open_session(manager, video)
@@ -166,13 +181,7 @@ def test_annotate_then_propagate_forward(manager, video, reference_predictor):
     result = manager.propagate(sid, 0, n - 1)
     assert result["frames_processed"] == n
 
-    state = reference_state(reference_predictor, session)
-    ref0 = ref_add(reference_predictor, state, 0, 1, points=POS_POINTS, labels=POS_LABELS)
-    assert_same_labels({0: annotated}, {0: ref0})
-    ref = ref_propagate(reference_predictor, state, 0, n - 1)
-    assert sorted(ref) == list(range(n))
-    assert_informative(ref)
-    assert_same_labels(server_masks(session, range(n)), ref)
+    assert_one_click_run_matches(reference_predictor, session, 0, n - 1, annotated)
 
 
 # ----------------------------------------------------------------------------- 2. refinement
@@ -272,13 +281,7 @@ def test_backward_propagation_from_last_frame(manager, video, reference_predicto
     assert result["passes"] == [{"direction": "backward", "from": last, "to": 0}]
     assert result["frames_processed"] == n
 
-    state = reference_state(reference_predictor, session)
-    ref_last = ref_add(reference_predictor, state, last, 1, points=POS_POINTS, labels=POS_LABELS)
-    assert_same_labels({last: annotated}, {last: ref_last})
-    ref = ref_propagate(reference_predictor, state, last, 0)
-    assert sorted(ref) == list(range(n))
-    assert_informative(ref)
-    assert_same_labels(server_masks(session, range(n)), ref)
+    assert_one_click_run_matches(reference_predictor, session, last, 0, annotated)
 
 
 # ----------------------------------------------------------------------------- 4. two objects
