@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Canonical model name -> (Hydra config inside the sam2 package, Meta's checkpoint file name).
 MODELS: dict[str, tuple[str, str]] = {
@@ -73,8 +73,18 @@ class Settings(BaseSettings):
 
     upload_dir: Path = Path("uploads")
     output_dir: Path = Path("outputs")
-    host: str = "0.0.0.0"
+    host: str | None = Field(
+        None, description="Listen address; default 127.0.0.1 without access keys, 0.0.0.0 with")
     port: int = Field(8000, ge=1, le=65535)
+
+    # -- access control
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated access keys; when set, every route but /health needs "
+                          "one (Authorization: Bearer <key> or X-API-Key) and sessions belong "
+                          "to the key that made them")
+    api_keys_file: Path | None = Field(None, description="A file of access keys, one a line")
+    admin_keys: SecretStr | None = Field(
+        None, description="Comma-separated keys that see and manage every session")
 
     max_sessions: int = Field(8, ge=1)
     session_ttl_s: float = Field(3600.0, gt=0)
@@ -82,10 +92,35 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(2048.0, gt=0)
     max_frames: int = Field(200_000, ge=1, description="Refuse videos with more frames")
     jpeg_quality: int = Field(95, ge=1, le=100)
-    allowed_origins: list[str] = Field(default_factory=lambda: ["*"])
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins allowed by CORS, comma-separated. Empty: any localhost "
+                    "origin without keys, none with keys. '*' is refused when keys are set")
     session_lock_timeout_s: float = Field(
         30.0, ge=0, description="How long a request waits for a busy session before 409"
     )
+    session_queue: int = Field(
+        4, ge=0, le=64, description="Requests that may wait for one busy session; more get 409 "
+                                    "at once with Retry-After")
+
+    # -- input limits
+    max_video_pixels: int = Field(
+        4096 * 2160, ge=64 * 64, description="Largest width x height accepted, read from the "
+                                             "stream header before anything is decoded")
+    min_video_side: int = Field(16, ge=1, description="Smallest width or height accepted")
+    max_json_mb: float = Field(
+        24.0, gt=0, description="Largest request body other than a video upload (JSON, mask "
+                                "images); refused with 413 while it arrives")
+    max_disk_gb: float = Field(
+        0.0, ge=0, description="Quota for the upload and output folders together; 0: none. "
+                               "Past it, uploads, propagations and exports answer 507")
+
+    # -- robustness
+    model_retry_s: float = Field(
+        10.0, gt=0, description="First wait before retrying a failed model load (doubles, "
+                                "up to 10 minutes)")
+    shutdown_timeout_s: float = Field(
+        20.0, gt=0, description="On SIGTERM, how long running work may take to stop")
     frame_wait_timeout_s: float = Field(
         120.0, gt=0, description="How long a request waits for a frame still being decoded"
     )
@@ -116,6 +151,53 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip().startswith("["):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"SAM2_API_KEYS_FILE={value} is not a file")
+        return value
+
+    def check_deployment(self) -> None:
+        """Refuse settings that would expose a keyed server (outside validation, whose errors
+        would print the keys)."""
+        if self.auth_enabled and "*" in self.allowed_origins:
+            raise ValueError("SAM2_ALLOWED_ORIGINS='*' is refused when access keys are set: list "
+                             "the browser origins of your frontends instead")
+
+    def access_keys(self) -> tuple[list[str], list[str]]:
+        """(user keys, admin keys) from SAM2_API_KEYS, SAM2_API_KEYS_FILE and SAM2_ADMIN_KEYS."""
+        def split(secret: SecretStr | None) -> list[str]:
+            raw = secret.get_secret_value() if secret is not None else ""
+            return [k.strip() for k in raw.split(",") if k.strip()]
+
+        users = split(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    users.append(line)
+        return users, split(self.admin_keys)
+
+    @property
+    def auth_enabled(self) -> bool:
+        users, admins = self.access_keys()
+        return bool(users or admins)
+
+    @property
+    def listen_host(self) -> str:
+        if self.host:
+            return self.host
+        return "0.0.0.0" if self.auth_enabled else "127.0.0.1"
+
+    @property
+    def max_json_bytes(self) -> int:
+        return int(self.max_json_mb * 1024 * 1024)
+
+    @property
+    def max_disk_bytes(self) -> int | None:
+        return int(self.max_disk_gb * 1024**3) if self.max_disk_gb else None
 
     @property
     def model_config_file(self) -> str:

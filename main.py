@@ -5,29 +5,42 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
+import os
+import re
 import shutil
-import threading
+import sys
+import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import cv2
-import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import exports
+import masks as mask_ops
+from auth import Caller, KeyRing, Unauthorized
 from config import Settings, get_settings
-from jobs import Job
+from disk import is_disk_full
+from jobs import FINISHED, Job
+from layout import PARTIAL_SUFFIX
+from observability import Metrics, RequestContext
 from sam2_manager import (
+    DiskFull,
     ExportNotFound,
+    FileMissing,
     FrameNotReady,
     FrameOutOfRange,
     InvalidPrompt,
@@ -36,8 +49,10 @@ from sam2_manager import (
     ManagerError,
     MaskNotFound,
     ModelNotReady,
+    ModelOutOfMemory,
     NoMasks,
     NoPrompts,
+    NotAVideo,
     ObjectNotFound,
     SAM2Manager,
     Session,
@@ -45,6 +60,7 @@ from sam2_manager import (
     SessionNotFound,
     TooManySessions,
     VideoInvalid,
+    VideoSizeRefused,
 )
 from uploads_stream import UploadError, receive_file
 
@@ -60,12 +76,17 @@ STATUS_OF: dict[type[ManagerError], int] = {
     SessionBusy: 409,
     NoPrompts: 409,
     NoMasks: 409,
+    FileMissing: 409,
+    NotAVideo: 415,
     InvalidPrompt: 422,
     InvalidRequest: 422,
     VideoInvalid: 422,
+    VideoSizeRefused: 422,
     TooManySessions: 429,
     ModelNotReady: 503,
+    ModelOutOfMemory: 503,
     FrameNotReady: 503,
+    DiskFull: 507,
 }
 
 
@@ -192,37 +213,65 @@ class ClearPromptsRequest(BaseModel):
     obj_id: int = Field(1, ge=1, le=255)
 
 
-MAX_MASK_BYTES = 64 * 1024 * 1024
-ERRORS = {code: {"model": ErrorResponse} for code in (404, 409, 422, 503)}
+ERROR_CODES = (401, 404, 409, 413, 422, 429, 503, 507)
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 422, 503)}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Without keys the server is one person's tool: pages on their own machine may call it.
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
 
 # ----------------------------------------------------------------------------- app
 def create_app(settings: Settings | None = None, manager: SAM2Manager | None = None) -> FastAPI:
     settings = settings or get_settings()
+    settings.check_deployment()
+    keyring = KeyRing(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         mgr = manager or SAM2Manager(settings)
         app.state.manager = mgr
-        if not mgr.ready:
-            threading.Thread(target=mgr.load_model, name="model-loader", daemon=True).start()
+        await run_in_threadpool(mgr.recover)
+        mgr.start_model_loader()
+        # Model work (clicks, blocking propagations and exports, deletes) runs on its own
+        # threads, sized so that requests queued on busy sessions can never take them all:
+        # reads, /health and every other session keep the default pool to themselves.
+        app.state.model_pool = ThreadPoolExecutor(
+            settings.max_sessions * (settings.session_queue + 1) + 4,
+            thread_name_prefix="model-work")
         cleaner = asyncio.create_task(_cleanup_loop(mgr, settings.cleanup_interval_s))
         try:
             yield
         finally:
             cleaner.cancel()
             await run_in_threadpool(mgr.shutdown)
+            app.state.model_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="SAM 2 interactive video segmentation",
         version="1.0.0",
-        description="Upload a video, click points on any frame, propagate, refine, export.",
+        description="Upload a video, click points on any frame, propagate, refine, export. With "
+                    "access keys configured, send `Authorization: Bearer <key>` (or "
+                    "`X-API-Key`) on every request but `GET /health`.",
         lifespan=lifespan,
+        # Every body but a video upload: JSON prompts (a base64 mask included) and mask images.
+        max_body_size=settings.max_json_bytes,
     )
-    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
-                       allow_methods=["*"], allow_headers=["*"])
+    app.state.settings = settings
+    app.state.keyring = keyring
+    app.state.scrub = _path_scrubber(settings)
+    metrics = Metrics(lambda: getattr(app.state, "manager", None))
+    app.state.metrics = metrics
+    cors: dict[str, Any] = {"allow_origins": settings.allowed_origins}
+    if not keyring.enabled and not settings.allowed_origins:
+        cors = {"allow_origin_regex": LOCAL_ORIGINS}
+    app.add_middleware(CORSMiddleware, **cors, allow_methods=["GET", "POST", "DELETE"],
+                       allow_headers=["Authorization", "X-API-Key", "Content-Type",
+                                      "X-Request-ID"],
+                       expose_headers=["X-Request-ID", "Retry-After", "Content-Disposition"])
+    app.add_middleware(RequestContext, metrics=metrics)
     _install_error_handlers(app)
-    _add_routes(app, settings)
+    app.include_router(_public_routes())
+    app.include_router(_routes(settings))
     return app
 
 
@@ -237,18 +286,50 @@ async def _cleanup_loop(manager: SAM2Manager, interval: float) -> None:
             logger.exception("session cleanup failed")
 
 
-def _error(status: int, code: str, detail: str, **extra) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": code, "detail": detail, **extra})
+# ----------------------------------------------------------------------------- errors
+def _path_scrubber(settings: Settings):
+    """Error texts go to clients without the server's own paths (its folders, home, Python)."""
+    roots = {str(p.resolve()) for p in (settings.output_dir, settings.upload_dir,
+                                        settings.checkpoint_dir, settings.checkpoint_path.parent,
+                                        Path.cwd(), Path.home(), Path(sys.prefix),
+                                        Path(tempfile.gettempdir()))}
+    roots |= {str(p) for p in (settings.output_dir, settings.upload_dir)}
+    ordered = sorted((r for r in roots if len(r) > 1), key=len, reverse=True)
+    anywhere = re.compile(r"(?<![\w.])/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+    def scrub(text: str) -> str:
+        for root in ordered:
+            text = text.replace(root, "…")
+        return anywhere.sub("…", text)
+
+    return scrub
+
+
+def _error(request: Request, status: int, code: str, detail: str,
+           headers: dict | None = None, **extra) -> JSONResponse:
+    scrub = getattr(request.app.state, "scrub", lambda t: t)
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": code, "detail": scrub(detail), **extra})
+
+
+def _retry_header(seconds: float | None) -> dict | None:
+    return None if seconds is None else {"Retry-After": str(max(1, round(seconds)))}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ManagerError)
     async def _manager_error(request: Request, exc: ManagerError):
-        return _error(STATUS_OF.get(type(exc), 400), exc.code, str(exc))
+        return _error(request, STATUS_OF.get(type(exc), 400), exc.code, str(exc),
+                      _retry_header(exc.retry_after))
 
     @app.exception_handler(UploadError)
     async def _upload_error(request: Request, exc: UploadError):
-        return _error(exc.status, exc.code, exc.message)
+        return _error(request, exc.status, exc.code, exc.message)
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(request: Request, exc: Unauthorized):
+        return _error(request, 401, "unauthorized", str(exc),
+                      {"WWW-Authenticate": 'Bearer realm="sam2"'})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -257,20 +338,55 @@ def _install_error_handlers(app: FastAPI) -> None:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
         # Without the offending input: it can be a whole base64 mask.
-        errors = json.loads(json.dumps([{k: v for k, v in err.items() if k != "input"}
+        errors = json.loads(json.dumps([{k: v for k, v in err.items() if k not in ("input", "ctx")}
                                         for err in exc.errors()], default=str))
-        return _error(422, "validation_error", "; ".join(problems) or "invalid request",
+        return _error(request, 422, "validation_error", "; ".join(problems) or "invalid request",
                       errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 413:
+            limit = request.scope.get("starlette.max_body_size")
+            return _error(request, 413, "request_too_large",
+                          f"the request body is larger than the {limit} bytes allowed "
+                          f"(SAM2_MAX_JSON_MB)" if limit is not None else "the request is too large")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
+        return _error(request, exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(OSError)
+    async def _storage_error(request: Request, exc: OSError):
+        if is_disk_full(exc):
+            return _error(request, 507, "insufficient_storage", "the server's disk is full; "
+                          "delete sessions you no longer need (DELETE /session/{id})")
+        logger.exception("storage error on %s %s", request.method, request.url.path)
+        return _error(request, 503, "storage_error", "the server could not read or write a file; "
+                      "try again, and tell its operator if it persists", {"Retry-After": "5"},
+                      request_id=request.state.request_id)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", "unexpected server error; see the server log")
+        return _error(request, 500, "internal_error", "unexpected server error; the server log "
+                      "has the details under this request id",
+                      request_id=getattr(request.state, "request_id", None))
+
+
+# ----------------------------------------------------------------------------- dependencies
+_bearer = HTTPBearer(auto_error=False, description="An access key (when the server has keys)")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False,
+                        description="An access key, as an alternative to the bearer token")
+
+
+def get_caller(request: Request,
+               bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+               api_key: Annotated[str | None, Depends(_api_key)]) -> Caller:
+    """Who is asking: 401 without a valid key when the server has keys."""
+    caller = request.app.state.keyring.authenticate(bearer.credentials if bearer else api_key)
+    request.state.key_id = caller.owner
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
 def get_manager(request: Request) -> SAM2Manager:
@@ -280,11 +396,23 @@ def get_manager(request: Request) -> SAM2Manager:
 ManagerDep = Annotated[SAM2Manager, Depends(get_manager)]
 
 
-def get_session(session_id: uuid.UUID, manager: ManagerDep) -> Session:
-    return manager.get(str(session_id))
+async def get_session(session_id: uuid.UUID, manager: ManagerDep, caller: CallerDep) -> Session:
+    """The caller's session; 404 for another key's session, exactly as for a missing one."""
+    sid = str(session_id)
+    session = manager.get_open(sid, caller)
+    if session is None:  # closed: reopening it reads its folder, off the event loop
+        session = await run_in_threadpool(manager.get, sid, caller)
+    return session
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+async def in_model_pool(request: Request, fn, *args, **kwargs):
+    """Run blocking model work on the model-work threads (never on the event loop)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app.state.model_pool,
+                                      functools.partial(fn, *args, **kwargs))
 
 
 def _urls(session_id: str, frame_idx: int) -> dict:
@@ -293,15 +421,19 @@ def _urls(session_id: str, frame_idx: int) -> dict:
             "frame_url": f"/frame/{session_id}/{frame_idx}"}
 
 
-def _decode_mask(b64: str) -> np.ndarray:
+def _decode_mask(raw: bytes, session: Session):
+    try:
+        return mask_ops.decode_mask_image(raw, session.info.width, session.info.height)
+    except ValueError as exc:
+        raise InvalidPrompt(str(exc)) from exc
+
+
+def _decode_mask_b64(b64: str, session: Session):
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidPrompt(f"mask_png_base64 is not valid base64 ({exc})") from exc
-    img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise InvalidPrompt("mask_png_base64 is not a readable image")
-    return img
+        raise InvalidPrompt("mask_png_base64 is not valid base64") from exc
+    return _decode_mask(raw, session)
 
 
 def _job_response(job: Job) -> dict:
@@ -309,118 +441,155 @@ def _job_response(job: Job) -> dict:
                              "cancel_url": f"/jobs/{job.id}/cancel"}
 
 
-def _add_routes(app: FastAPI, settings: Settings) -> None:
-    @app.get("/health", responses={503: {"model": dict}}, tags=["server"])
-    def health(manager: ManagerDep):
-        """Model, device and load state; 503 until the model can serve requests."""
-        info = manager.health()
-        return JSONResponse(status_code=200 if manager.ready else 503, content=info)
+# ----------------------------------------------------------------------------- routes
+def _public_routes() -> APIRouter:
+    router = APIRouter()
 
-    @app.post("/upload-video", response_model=UploadResponse, status_code=200,
+    @router.get("/health", responses={503: {"model": dict}}, tags=["server"])
+    async def health(manager: ManagerDep):
+        """Model, device and load state; 503 until the model can serve requests. Needs no key."""
+        info = manager.health()
+        info["detail"] = info["detail"] and _path_scrubber(manager.settings)(info["detail"])
+        info["checkpoint"] = Path(info["checkpoint"]).name
+        headers = None if manager.ready else _retry_header(manager._retry_in() or 5)
+        return JSONResponse(status_code=200 if manager.ready else 503, content=info,
+                            headers=headers)
+
+    return router
+
+
+def _routes(settings: Settings) -> APIRouter:
+    api = APIRouter(dependencies=[Depends(get_caller)],
+                    responses={401: {"model": ErrorResponse}})
+
+    @api.get("/metrics", tags=["server"], response_class=Response)
+    async def metrics(request: Request):
+        """Prometheus metrics: requests and latencies by route, sessions, jobs, queues, model."""
+        body, content_type = await run_in_threadpool(request.app.state.metrics.render)
+        return Response(body, media_type=content_type)
+
+    @api.post("/upload-video", response_model=UploadResponse, status_code=200,
               responses={413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
-                         422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+                         422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
+                         503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "multipart/form-data": {"schema": {
                       "type": "object", "required": ["file"],
                       "properties": {"file": {"type": "string", "format": "binary",
                                               "description": "The video (mp4, mov, webm, mkv, "
                                                              "avi...)"}}}}}}},
-              tags=["session"])
-    async def upload_video(request: Request, manager: ManagerDep):
+              tags=["session"],
+              max_body_size=settings.max_upload_bytes + 1024 * 1024)  # + multipart framing
+    async def upload_video(request: Request, manager: ManagerDep, caller: CallerDep):
         """Upload a video (multipart field `file`); answers once frame 0 can be served."""
-        manager.check_capacity()
+        declared = request.headers.get("content-length", "")
+        incoming = int(declared) if declared.isdigit() else 0
+        await run_in_threadpool(manager.check_accepting, caller.owner, incoming)
         session_id = manager.new_session_id()
+        await run_in_threadpool(manager.reserve, session_id)
         try:
             path, filename = await receive_file(
-                request, "file", lambda name: manager.upload_path_for(session_id, name),
-                settings.max_upload_bytes)
+                request, "file",
+                lambda name: manager.partial_path(manager.upload_path_for(session_id, name)),
+                settings.max_upload_bytes, disk_room=manager.disk.room())
+            final = path.with_name(path.name.removesuffix(PARTIAL_SUFFIX))
+            os.replace(path, final)
+            session = await run_in_threadpool(manager.create_session, session_id, final,
+                                              filename, caller.owner)
         except BaseException:
+            manager.release(session_id)
             shutil.rmtree(settings.upload_dir / session_id, ignore_errors=True)
             raise
-        session = await run_in_threadpool(manager.create_session, session_id, path, filename)
         info = session.info.as_dict()
         return {"session_id": session.id, "filename": session.filename,
                 **{k: info[k] for k in ("num_frames", "width", "height", "fps", "fps_rational",
                                         "codec", "rotation", "duration_s")},
                 "frame_url": f"/frame/{session.id}/0"}
 
-    @app.get("/frame/{session_id}/{frame_idx}", response_class=FileResponse,
+    @api.get("/frame/{session_id}/{frame_idx}", response_class=FileResponse,
              responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}}, tags=["frames"])
-    def get_frame(session: SessionDep, frame_idx: int, manager: ManagerDep):
+    async def get_frame(session: SessionDep, frame_idx: int, manager: ManagerDep):
         """JPEG of the frame at the video's resolution (waits while it is being decoded)."""
-        return FileResponse(manager.frame_path(session, frame_idx), media_type="image/jpeg")
+        return FileResponse(await manager.frame_file(session, frame_idx), media_type="image/jpeg")
 
-    @app.get("/overlay/{session_id}/{frame_idx}", response_class=FileResponse,
+    @api.get("/overlay/{session_id}/{frame_idx}", response_class=FileResponse,
              responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}}, tags=["frames"])
-    def get_overlay(session: SessionDep, frame_idx: int, manager: ManagerDep):
+    async def get_overlay(session: SessionDep, frame_idx: int, manager: ManagerDep):
         """JPEG of the frame with every object's mask in its colour (the plain frame if none)."""
-        return FileResponse(manager.overlay_path(session, frame_idx), media_type="image/jpeg",
-                            headers={"Cache-Control": "no-cache"})
+        return FileResponse(await manager.overlay_file(session, frame_idx),
+                            media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/mask/{session_id}/{frame_idx}", response_class=FileResponse,
+    @api.get("/mask/{session_id}/{frame_idx}", response_class=FileResponse,
              responses={**ERRORS, 200: {"content": {"image/png": {}}}}, tags=["frames"])
-    def get_mask(session: SessionDep, frame_idx: int, manager: ManagerDep):
+    async def get_mask(session: SessionDep, frame_idx: int, manager: ManagerDep):
         """8-bit PNG at video resolution: pixel = obj_id, 0 = background."""
-        return FileResponse(manager.mask_path(session, frame_idx), media_type="image/png",
+        return FileResponse(await manager.mask_file(session, frame_idx), media_type="image/png",
                             headers={"Cache-Control": "no-cache"})
 
     def _prompt(session: Session, body: PromptRequest, manager: SAM2Manager, append: bool):
-        mask = _decode_mask(body.mask_png_base64) if body.mask_png_base64 else None
+        mask = _decode_mask_b64(body.mask_png_base64, session) if body.mask_png_base64 else None
         result = manager.add_prompt(
             session.id, body.frame_idx, body.obj_id,
             points=[[p.x, p.y] for p in body.points], labels=[p.label for p in body.points],
             box=body.box, mask=mask, append=append)
         return result | {"obj_id": body.obj_id} | _urls(session.id, body.frame_idx)
 
-    @app.post("/annotate-frame/{session_id}", response_model=PromptResponse,
+    @api.post("/annotate-frame/{session_id}", response_model=PromptResponse,
               responses=ERRORS, tags=["prompts"])
-    def annotate_frame(session: SessionDep, body: PromptRequest, manager: ManagerDep):
+    async def annotate_frame(request: Request, session: SessionDep, body: PromptRequest,
+                             manager: ManagerDep):
         """Set an object's prompts on a frame (replacing its earlier ones there); returns the mask."""
-        return _prompt(session, body, manager, append=False)
+        return await in_model_pool(request, _prompt, session, body, manager, append=False)
 
-    @app.post("/refine-mask/{session_id}", response_model=PromptResponse,
+    @api.post("/refine-mask/{session_id}", response_model=PromptResponse,
               responses=ERRORS, tags=["prompts"])
-    def refine_mask(session: SessionDep, body: PromptRequest, manager: ManagerDep):
+    async def refine_mask(request: Request, session: SessionDep, body: PromptRequest,
+                          manager: ManagerDep):
         """Add points to an object's prompts on a frame, keeping the earlier ones."""
-        return _prompt(session, body, manager, append=True)
+        return await in_model_pool(request, _prompt, session, body, manager, append=True)
 
-    @app.post("/mask-prompt/{session_id}", response_model=PromptResponse,
+    @api.post("/mask-prompt/{session_id}", response_model=PromptResponse,
               responses={**ERRORS, 413: {"model": ErrorResponse}}, tags=["prompts"])
-    def mask_prompt(session: SessionDep, manager: ManagerDep,
-                    file: Annotated[UploadFile, File(description="PNG (or any image) mask at "
-                                                     "video resolution; non-zero = object")],
-                    frame_idx: Annotated[int, Form(ge=0)],
-                    obj_id: Annotated[int, Form(ge=1, le=255)] = 1):
+    async def mask_prompt(request: Request, session: SessionDep, manager: ManagerDep,
+                          file: Annotated[UploadFile, File(description="PNG (or any image) mask "
+                                                           "at video resolution; non-zero = "
+                                                           "object")],
+                          frame_idx: Annotated[int, Form(ge=0)],
+                          obj_id: Annotated[int, Form(ge=1, le=255)] = 1):
         """Prompt an object on a frame with a mask image (SAM 2's add_new_mask), as multipart."""
-        data = file.file.read(MAX_MASK_BYTES + 1)
-        if len(data) > MAX_MASK_BYTES:
-            raise UploadError(413, "upload_too_large",
-                              f"a mask image may be at most {MAX_MASK_BYTES} bytes")
-        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise InvalidPrompt("the mask file is not a readable image")
-        result = manager.add_prompt(session.id, frame_idx, obj_id, mask=mask)
-        return result | {"obj_id": obj_id} | _urls(session.id, frame_idx)
+        data = await file.read()
 
-    @app.post("/clear-prompts/{session_id}", responses=ERRORS, tags=["prompts"])
-    def clear_prompts(session: SessionDep, body: ClearPromptsRequest, manager: ManagerDep):
+        def work():
+            mask = _decode_mask(data, session)
+            result = manager.add_prompt(session.id, frame_idx, obj_id, mask=mask)
+            return result | {"obj_id": obj_id} | _urls(session.id, frame_idx)
+
+        return await in_model_pool(request, work)
+
+    @api.post("/clear-prompts/{session_id}", responses=ERRORS, tags=["prompts"])
+    async def clear_prompts(request: Request, session: SessionDep, body: ClearPromptsRequest,
+                            manager: ManagerDep):
         """Remove one object's prompts on one frame (the object goes if it has no other)."""
-        result = manager.clear_prompts(session.id, body.obj_id, body.frame_idx)
+        result = await in_model_pool(request, manager.clear_prompts, session.id, body.obj_id,
+                                     body.frame_idx)
         return result | _urls(session.id, body.frame_idx)
 
-    @app.delete("/object/{session_id}/{obj_id}", responses=ERRORS, tags=["prompts"])
-    def remove_object(session: SessionDep, obj_id: int, manager: ManagerDep):
+    @api.delete("/object/{session_id}/{obj_id}", responses=ERRORS, tags=["prompts"])
+    async def remove_object(request: Request, session: SessionDep, obj_id: int,
+                            manager: ManagerDep):
         """Remove an object: its prompts go and its pixels leave every mask."""
-        return manager.remove_object(session.id, obj_id)
+        return await in_model_pool(request, manager.remove_object, session.id, obj_id)
 
-    @app.post("/reset/{session_id}", responses=ERRORS, tags=["prompts"])
-    def reset_session(session: SessionDep, manager: ManagerDep):
+    @api.post("/reset/{session_id}", responses=ERRORS, tags=["prompts"])
+    async def reset_session(request: Request, session: SessionDep, manager: ManagerDep):
         """Drop every prompt, object and mask; keep the video."""
-        return manager.reset(session.id)
+        return await in_model_pool(request, manager.reset, session.id)
 
-    @app.post("/propagate/{session_id}", response_model=PropagateResponse | JobResponse,
-              responses={**ERRORS, 202: {"model": JobResponse}}, tags=["tracking"])
-    def propagate(session: SessionDep, body: PropagateRequest, manager: ManagerDep):
+    @api.post("/propagate/{session_id}", response_model=PropagateResponse | JobResponse,
+              responses={**ERRORS, 202: {"model": JobResponse}, 507: {"model": ErrorResponse}},
+              tags=["tracking"])
+    async def propagate(request: Request, session: SessionDep, body: PropagateRequest,
+                        manager: ManagerDep):
         """Track every object over a range of frames, writing masks and overlays.
 
         Blocking by default; with `"background": true` it answers 202 with a job to follow.
@@ -431,35 +600,36 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         kwargs = {"start_frame": body.start_frame, "end_frame": body.end_frame,
                   "direction": body.direction, "max_frames": body.max_frames}
         if body.background:
-            job = manager.start_propagation_job(session.id, **kwargs)
+            job = await run_in_threadpool(manager.start_propagation_job, session.id, **kwargs)
             return JSONResponse(status_code=202, content=_job_response(job))
-        return manager.propagate(session.id, **kwargs)
+        return await in_model_pool(request, manager.propagate, session.id, **kwargs)
 
-    @app.get("/export/{session_id}", response_class=FileResponse,
-             responses={**ERRORS, 200: {"content": {f.media_type: {} for f in
-                                                     exports.FORMATS.values()}}},
+    @api.get("/export/{session_id}", response_class=FileResponse,
+             responses={**ERRORS, 507: {"model": ErrorResponse},
+                        200: {"content": {f.media_type: {} for f in exports.FORMATS.values()}}},
              tags=["export"])
-    def export(session: SessionDep, manager: ManagerDep,
-               format: Annotated[ExportFormatName, Query(
-                   description="; ".join(f"{f.name}: {f.description}"
-                                         for f in exports.FORMATS.values()))] = "overlay_mp4",
-               start_frame: Annotated[int | None, Query(ge=0)] = None,
-               end_frame: Annotated[int | None, Query(ge=0)] = None,
-               polygons: Annotated[bool, Query(description="coco_json: add polygons")] = False):
+    async def export(request: Request, session: SessionDep, manager: ManagerDep,
+                     format: Annotated[ExportFormatName, Query(
+                         description="; ".join(f"{f.name}: {f.description}"
+                                               for f in exports.FORMATS.values()))] = "overlay_mp4",
+                     start_frame: Annotated[int | None, Query(ge=0)] = None,
+                     end_frame: Annotated[int | None, Query(ge=0)] = None,
+                     polygons: Annotated[bool, Query(description="coco_json: add polygons")] = False):
         """Export the session (blocking). Default: the overlay MP4 (H.264, yuv420p, faststart)."""
-        path = manager.export(session.id, format, start_frame, end_frame, polygons)
+        path = await in_model_pool(request, manager.export, session.id, format, start_frame,
+                                   end_frame, polygons)
         return FileResponse(path, media_type=exports.FORMATS[format].media_type,
                             filename=f"{session.id}_{path.name}")
 
-    @app.post("/export/{session_id}", status_code=202, response_model=JobResponse,
-              responses=ERRORS, tags=["export"])
-    def export_job(session: SessionDep, body: ExportRequest, manager: ManagerDep):
+    @api.post("/export/{session_id}", status_code=202, response_model=JobResponse,
+              responses={**ERRORS, 507: {"model": ErrorResponse}}, tags=["export"])
+    async def export_job(session: SessionDep, body: ExportRequest, manager: ManagerDep):
         """Start an export as a job; its result has the `download_url`."""
-        job = manager.start_export_job(session.id, body.format, body.start_frame,
-                                       body.end_frame, body.polygons)
+        job = await run_in_threadpool(manager.start_export_job, session.id, body.format,
+                                      body.start_frame, body.end_frame, body.polygons)
         return JSONResponse(status_code=202, content=_job_response(job))
 
-    @app.get("/exports/{session_id}/{name}", response_class=FileResponse, responses=ERRORS,
+    @api.get("/exports/{session_id}/{name}", response_class=FileResponse, responses=ERRORS,
              tags=["export"])
     def download_export(session: SessionDep, name: str, manager: ManagerDep):
         """Download a file an export job wrote."""
@@ -468,56 +638,49 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
                       if path.suffix == f".{f.extension}"), "application/octet-stream")
         return FileResponse(path, media_type=media, filename=f"{session.id}_{path.name}")
 
-    @app.get("/session/{session_id}", tags=["session"], responses=ERRORS)
+    @api.get("/session/{session_id}", tags=["session"], responses=ERRORS)
     def get_session_info(session: SessionDep, manager: ManagerDep):
         """Metadata, objects, prompts in order, frames with masks, scores, propagations."""
         return manager.describe(session.id)
 
-    @app.get("/sessions", tags=["session"])
-    def list_sessions(manager: ManagerDep):
-        """Open sessions."""
-        return [{"session_id": s.id, "filename": s.filename, "num_frames": s.info.num_frames,
-                 "busy_with": s.busy_with, "last_access": s.last_access}
-                for s in list(manager.sessions.values())]
+    @api.get("/sessions", tags=["session"])
+    def list_sessions(manager: ManagerDep, caller: CallerDep):
+        """The caller's sessions, open or on disk (reopened on their next use), newest first."""
+        return manager.list_sessions(caller)
 
-    @app.delete("/session/{session_id}", tags=["session"], responses=ERRORS)
-    def delete_session(session: SessionDep, manager: ManagerDep):
+    @api.delete("/session/{session_id}", tags=["session"], responses=ERRORS)
+    async def delete_session(request: Request, session: SessionDep, manager: ManagerDep):
         """Close the session and delete its upload and outputs."""
-        manager.close_session(session.id, delete_files=True)
+        await in_model_pool(request, manager.close_session, session.id, delete_files=True)
         return {"session_id": session.id, "deleted": True}
 
     # -- jobs ------------------------------------------------------------------------------
-    def _job(job_id: str, manager: SAM2Manager) -> Job:
-        job = manager.jobs.get(job_id)
-        if job is None:
-            raise JobNotFound(f"no job {job_id}; jobs are kept in memory until a restart")
-        return job
+    @api.get("/jobs/{job_id}", response_model=JobResponse, responses=ERRORS, tags=["jobs"])
+    def get_job(job_id: str, manager: ManagerDep, caller: CallerDep):
+        """Progress of a background job (frames done, total, fps, ETA) and its result; a job
+        cut short by a server stop reads `interrupted`."""
+        return _job_response(manager.find_job(job_id, caller))
 
-    @app.get("/jobs/{job_id}", response_model=JobResponse, responses=ERRORS, tags=["jobs"])
-    def get_job(job_id: str, manager: ManagerDep):
-        """Progress of a background job (frames done, total, fps, ETA) and its result."""
-        return _job_response(_job(job_id, manager))
-
-    @app.post("/jobs/{job_id}/cancel", response_model=JobResponse, responses=ERRORS,
+    @api.post("/jobs/{job_id}/cancel", response_model=JobResponse, responses=ERRORS,
               tags=["jobs"])
-    def cancel_job(job_id: str, manager: ManagerDep):
+    def cancel_job(job_id: str, manager: ManagerDep, caller: CallerDep):
         """Ask a job to stop; masks written so far stay, and the manifest lists exactly them."""
-        job = _job(job_id, manager)
+        job = manager.find_job(job_id, caller)
         job.cancel_event.set()
         return _job_response(job)
 
-    @app.get("/jobs/{job_id}/events", tags=["jobs"], responses=ERRORS,
+    @api.get("/jobs/{job_id}/events", tags=["jobs"], responses=ERRORS,
              response_class=StreamingResponse)
-    async def job_events(job_id: str, manager: ManagerDep):
+    async def job_events(job_id: str, manager: ManagerDep, caller: CallerDep):
         """Server-sent events: one `progress` event per change, then `end` with the final state."""
-        job = _job(job_id, manager)
+        job = await run_in_threadpool(manager.find_job, job_id, caller)
 
         async def stream():
             version = -1
             while True:
-                version = await run_in_threadpool(job.wait_change, version, 15.0)
+                version = await job.wait_change_async(version, 15.0)
                 snap = _job_response(job)  # one consistent reading: the end is sent as "end"
-                finished = snap["status"] in ("succeeded", "failed", "cancelled")
+                finished = snap["status"] in FINISHED
                 yield f"event: {'end' if finished else 'progress'}\ndata: {json.dumps(snap)}\n\n"
                 if finished:
                     return
@@ -525,14 +688,41 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    return api
+
+
+# ----------------------------------------------------------------------------- server
+class _Server(uvicorn.Server):
+    """uvicorn, telling the manager at the first SIGTERM/SIGINT so running work stops at once."""
+
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
 
 def main() -> None:
     """``python main.py``; with the uvicorn CLI: ``uvicorn --factory main:create_app``."""
-    import uvicorn
-
     settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    app = create_app(settings)
+    host = settings.listen_host
+    if not settings.auth_enabled and host not in LOOPBACK:
+        logger.warning("listening on %s without access keys: anyone who can reach this address "
+                       "can read, change and delete every session. Set SAM2_API_KEYS (see the "
+                       "README, 'Running it for a team')", host)
+    config = uvicorn.Config(app, host=host, port=settings.port, access_log=False,
+                            timeout_graceful_shutdown=int(settings.shutdown_timeout_s))
+
+    def stop_work() -> None:
+        manager = getattr(app.state, "manager", None)
+        if manager is not None:
+            manager.begin_shutdown()
+
+    _Server(config, stop_work).run()
 
 
 if __name__ == "__main__":

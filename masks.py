@@ -1,12 +1,16 @@
-"""Turning per-object mask logits into label maps, and label maps into coloured overlays."""
+"""Turning per-object mask logits into label maps, label maps into coloured overlays, and
+client mask images into arrays (checked from their header before they are decoded)."""
 
 from __future__ import annotations
 
 import colorsys
+import io
+import warnings
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 OVERLAY_ALPHA = 0.5
 
@@ -62,3 +66,33 @@ def overlay(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     edge_colours = cv2.LUT(cv2.merge([cv2.dilate(labels, kernel)] * 3), _PALETTE_LUT)
     cv2.copyTo(edge_colours, (edges > 0).view(np.uint8), out)
     return out
+
+
+def decode_mask_image(raw: bytes, width: int, height: int) -> np.ndarray:
+    """A client's mask image as grey pixels (non-zero = object).
+
+    Its size is read from the header first and must be the video's: a small file that announces
+    a huge picture is refused before any pixel is decoded. Raises ValueError with what is wrong.
+    """
+    if not raw:
+        raise ValueError("the mask image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as img:
+                size = img.size
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"the mask image is far larger than the {width}x{height} video") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError("the mask is not a readable image (PNG, JPEG, BMP, WebP, TIFF)") from exc
+    if size != (width, height):
+        raise ValueError(f"the mask image is {size[0]}x{size[1]}; it must be the video's size, "
+                         f"{width}x{height}")
+    try:
+        mask = cv2.imdecode(np.frombuffer(raw, np.uint8),
+                            cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:
+        mask = None
+    if mask is None or mask.shape != (height, width):
+        raise ValueError("the mask image cannot be decoded (PNG, JPEG, BMP, WebP, TIFF)")
+    return mask

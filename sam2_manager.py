@@ -6,6 +6,7 @@ and the CLI drives the same manager directly.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -26,12 +27,17 @@ import torch
 
 import exports
 import masks as mask_ops
+import recovery
+from auth import LOCAL_USER, Caller
 from checkpoints import ensure_checkpoint
 from config import Settings
-from jobs import Job, JobCancelled, JobRunner, Progress
+from disk import DiskQuota, is_disk_full
+from jobs import Job, JobCancelled, JobRunner, Progress, job_from_record
+from layout import PARTIAL_SUFFIX, SessionFiles, is_job_id, is_session_id
 from predictor import LazyFrames, build_predictor, new_inference_state, resolve_device, warm_up
 from video_io import (
     FrameExtractor,
+    StillImage,
     VideoInfo,
     VideoUnreadable,
     atomic_write_bytes,
@@ -40,13 +46,15 @@ from video_io import (
     write_jpeg,
     write_png,
 )
+from video_io import (
+    VideoSizeRefused as VideoSizeOutOfLimits,
+)
 
 logger = logging.getLogger(__name__)
 
 Direction = Literal["forward", "backward", "both"]
 MAX_OBJ_ID = 255
 MAX_POINTS = 256
-MANIFEST_NAME = "session.json"
 
 
 # ----------------------------------------------------------------------------- errors
@@ -55,6 +63,10 @@ class ManagerError(Exception):
 
     code = "error"
     expected = True  # not logged as a crash when it ends a job
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, for a Retry-After header
 
 
 class SessionNotFound(ManagerError):
@@ -117,6 +129,26 @@ class VideoInvalid(ManagerError):
     code = "video_unreadable"
 
 
+class NotAVideo(ManagerError):
+    code = "not_a_video"
+
+
+class VideoSizeRefused(ManagerError):
+    code = "video_size_refused"
+
+
+class DiskFull(ManagerError):
+    code = "insufficient_storage"
+
+
+class ModelOutOfMemory(ManagerError):
+    code = "out_of_memory"
+
+
+class FileMissing(ManagerError):
+    code = "file_missing"
+
+
 # ----------------------------------------------------------------------------- session
 @dataclass
 class PromptRecord:
@@ -132,17 +164,19 @@ class PromptRecord:
 
 
 @dataclass
-class Session:
-    id: str
-    dir: Path
-    upload_path: Path
-    filename: str
-    info: VideoInfo
-    extractor: FrameExtractor
+class Session(SessionFiles):
+    id: str = ""
+    upload_path: Path = Path()
+    filename: str = ""
+    info: VideoInfo | None = None
+    extractor: FrameExtractor | None = None
+    owner: str | None = None  # id of the access key that made it (None: no keys)
     created_at: float = field(default_factory=time.time)
     last_access: float = field(default_factory=time.time)
     # Held for the whole of any model call, propagation or export on this session.
     work_lock: threading.Lock = field(default_factory=threading.Lock)
+    waiting: int = 0  # requests waiting for work_lock (bounded by SAM2_SESSION_QUEUE)
+    closed: bool = False  # closed (evicted, expired, deleted): work must look it up again
     # Guards the bookkeeping below, which readers snapshot while work runs.
     meta_lock: threading.RLock = field(default_factory=threading.RLock)
     state: dict | None = None
@@ -162,43 +196,6 @@ class Session:
     manifest_write: Future | None = None   # the last manifest rewrite submitted
     manifest_queued: Future | None = None  # one submitted but not yet started: it will see
                                            # every change made before it starts
-
-    @property
-    def frames_dir(self) -> Path:
-        return self.dir / "frames"
-
-    @property
-    def masks_dir(self) -> Path:
-        return self.dir / "masks"
-
-    @property
-    def overlays_dir(self) -> Path:
-        return self.dir / "overlays"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.dir / MANIFEST_NAME
-
-    def prompt_mask_path(self, obj_id: int, frame_idx: int) -> Path:
-        return self.dir / "prompts" / f"obj{obj_id:03d}_{frame_idx:05d}.png"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.dir / "state"
-
-    @property
-    def exports_dir(self) -> Path:
-        return self.dir / "exports"
-
-    @property
-    def export_path(self) -> Path:
-        return self.dir / "output_video.mp4"
-
-    def mask_path(self, frame_idx: int) -> Path:
-        return self.masks_dir / f"{frame_idx:05d}.png"
-
-    def overlay_path(self, frame_idx: int) -> Path:
-        return self.overlays_dir / f"{frame_idx:05d}.jpg"
 
     def has_prompts(self) -> bool:
         return any(self.prompts.values())
@@ -238,19 +235,42 @@ def _free_device_memory() -> None:
 
 
 # ----------------------------------------------------------------------------- manager
+MAX_RETRY_S = 600.0
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
 class SAM2Manager:
     """Owns the predictor and every open session."""
 
     def __init__(self, settings: Settings, predictor: Any = None):
         self.settings = settings
         self.sessions: dict[str, Session] = {}
+        # Guards `sessions`, `_reserved` and `_transit`: the open-session count is exact.
         self._sessions_lock = threading.Lock()
+        self._reserved: set[str] = set()  # uploads and reopenings under way: they hold a slot
+        self._transit: dict[str, threading.Event] = {}  # sessions being opened or closed
         self.predictor = predictor
         self.model_status = "ready" if predictor is not None else "not_loaded"
         self.warm_up_s: float | None = None
         self.model_detail: str | None = None
         self.download: dict | None = None
-        self.jobs = JobRunner()
+        self.next_retry_at: float | None = None  # after a failed load: when the next try is
+        self._retry_delay = settings.model_retry_s
+        self.load_failures = 0
+        self._retry_now = threading.Event()
+        self._ready = threading.Event()
+        if predictor is not None:
+            self._ready.set()
+        self._loader: threading.Thread | None = None
+        self.stopping = threading.Event()  # SIGTERM: running work ends as `interrupted`
+        self.counters = {"frames_propagated": 0, "sessions_evicted": 0, "out_of_memory": 0}
+        self.jobs = JobRunner(on_change=self._save_job)
+        self.jobs.stop_event = self.stopping
+        self.disk = DiskQuota((settings.upload_dir, settings.output_dir), settings.max_disk_bytes)
         self._writer = ThreadPoolExecutor(settings.writer_workers, thread_name_prefix="writer")
         self._prefetcher = ThreadPoolExecutor(settings.prefetch_workers,
                                               thread_name_prefix="prefetch")
@@ -259,7 +279,37 @@ class SAM2Manager:
         settings.upload_dir.mkdir(parents=True, exist_ok=True)
         settings.output_dir.mkdir(parents=True, exist_ok=True)
 
+    def recover(self) -> dict:
+        """Clean up after a process that died (call before serving): see ``recovery.sweep``."""
+        t0 = time.perf_counter()
+        counts = recovery.sweep(self.settings.upload_dir, self.settings.output_dir,
+                                self.settings.checkpoint_path.parent)
+        if any(counts.values()):
+            logger.info("recovered the folders in %.2fs: %s", time.perf_counter() - t0, counts)
+        return counts
+
     # -- model ---------------------------------------------------------------------------
+    def start_model_loader(self) -> None:
+        """Load the model in a background thread, retrying a failure with growing waits."""
+        if self.predictor is not None or (self._loader is not None and self._loader.is_alive()):
+            return
+        self._loader = threading.Thread(target=self._load_with_retries, name="model-loader",
+                                        daemon=True)
+        self._loader.start()
+
+    def _load_with_retries(self) -> None:
+        while not self.stopping.is_set():
+            if self.model_status == "error":
+                # A request that needs the model, with the checkpoint now in place, cuts the
+                # wait short (``_require_model``).
+                self._retry_now.wait(max(0.0, (self.next_retry_at or 0) - time.time()))
+                self._retry_now.clear()
+                if self.stopping.is_set():
+                    return
+            self.load_model()
+            if self.ready:
+                return
+
     def load_model(self) -> None:
         """Download the checkpoint if needed and build the predictor; errors end in ``health``."""
         s = self.settings
@@ -285,10 +335,20 @@ class SAM2Manager:
                 logger.info("model calls warmed up in %.2fs", self.warm_up_s)
             self.model_status = "ready"
             self.model_detail = None
-        except Exception as exc:  # surfaced by /health; the server keeps serving files
+            self.next_retry_at = None
+            self._ready.set()
+        except Exception as exc:  # surfaced by /health, retried; the server keeps serving files
             logger.error("model not loaded: %s", exc)
+            self.predictor = None
+            self.load_failures += 1
             self.model_status = "error"
             self.model_detail = str(exc)
+            self.next_retry_at = time.time() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_S)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the model serves requests (or the timeout passes)."""
+        return self._ready.wait(timeout)
 
     def _on_download(self, done: int, total: int | None) -> None:
         self.download = {"bytes": done, "total_bytes": total}
@@ -316,17 +376,24 @@ class SAM2Manager:
             "device": str(self.predictor.device) if self.predictor is not None else s.device,
             "image_size": self.predictor.image_size if self.predictor is not None else s.image_size,
             "warm_up_s": self.warm_up_s,
+            "load_failures": self.load_failures,
+            "next_retry_in_s": self._retry_in(),
             "sessions": len(self.sessions),
             "max_sessions": s.max_sessions,
         }
 
+    def _retry_in(self) -> float | None:
+        at = self.next_retry_at
+        return None if at is None else round(max(0.0, at - time.time()), 1)
+
     def _require_model(self):
         if not self.ready:
+            if self.model_status == "error" and self.settings.checkpoint_path.is_file():
+                self._retry_now.set()  # the file was put in place: try again now, not later
             raise ModelNotReady(
                 f"the model is not usable yet ({self.model_status}"
                 + (f": {self.model_detail}" if self.model_detail else "")
-                + "); see GET /health"
-            )
+                + "); see GET /health", retry_after=self._retry_in() or 5)
         return self.predictor
 
     @contextlib.contextmanager
@@ -343,13 +410,30 @@ class SAM2Manager:
     def new_session_id(self) -> str:
         return str(uuid.uuid4())
 
-    def check_capacity(self) -> None:
-        if len(self.sessions) >= self.settings.max_sessions:
-            raise TooManySessions(
-                f"{len(self.sessions)} sessions are open (SAM2_MAX_SESSIONS="
-                f"{self.settings.max_sessions}); delete one with DELETE /session/{{id}} or wait "
-                f"for idle ones to expire"
-            )
+    def check_accepting(self, owner: str | None = None, incoming_bytes: int = 0) -> None:
+        """Refuse new work the server cannot take: a failed model or no room on disk."""
+        if self.model_status == "error":
+            self._require_model()
+        if self.stopping.is_set():
+            raise ModelNotReady("the server is shutting down", retry_after=10)
+        self.check_disk(owner, incoming_bytes)
+
+    def check_disk(self, owner: str | None, incoming_bytes: int = 0) -> None:
+        room = self.disk.room(incoming_bytes)
+        if room is None or room >= 0:
+            return
+        usage = self.disk.usage()
+        limit = self.disk.limit or 0
+        mine = sorted(((size, sid) for sid, size in usage.per_session.items()
+                       if is_session_id(sid) and self._stored_owner(sid)[1] == owner),
+                      reverse=True)[:5]
+        advice = ", ".join(f"{sid} ({size / 2**20:.0f} MiB)" for size, sid in mine)
+        raise DiskFull(
+            f"the server's folders hold {usage.total / 2**30:.2f} GiB of the "
+            f"{limit / 2**30:.2f} GiB allowed (SAM2_MAX_DISK_GB)"
+            + (f"; {incoming_bytes / 2**20:.0f} MiB more do not fit" if incoming_bytes else "")
+            + ". Delete sessions you no longer need with DELETE /session/{id}"
+            + (f"; your largest: {advice}" if advice else ""))
 
     def upload_path_for(self, session_id: str, filename: str | None) -> Path:
         suffix = Path(filename or "").suffix.lower()
@@ -359,56 +443,270 @@ class SAM2Manager:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"video{suffix}"
 
-    def create_session(self, session_id: str, video_path: Path, filename: str) -> Session:
+    @staticmethod
+    def partial_path(path: Path) -> Path:
+        """Where an upload is written while it arrives (removed at start-up if never finished)."""
+        return path.with_name(path.name + PARTIAL_SUFFIX)
+
+    def reserve(self, session_id: str) -> None:
+        """Hold a slot for a session about to be made, closing the least recently used idle
+        session if every slot is taken (its work is on disk and it reopens on its next use)."""
+        with self._sessions_lock:
+            victims = self._make_room()
+            self._reserved.add(session_id)
+        self._close_taken(victims)
+
+    def release(self, session_id: str) -> None:
+        with self._sessions_lock:
+            self._reserved.discard(session_id)
+
+    def _take_idle(self, session: Session) -> bool:
+        """With ``_sessions_lock`` held: take an idle session out of the open ones, keeping its
+        work lock until ``_close_taken`` has closed it."""
+        if session.waiting or not session.work_lock.acquire(blocking=False):
+            return False
+        self.sessions.pop(session.id, None)
+        session.closed = True
+        self._transit[session.id] = threading.Event()
+        return True
+
+    def _make_room(self) -> list[Session]:
+        """With ``_sessions_lock`` held: free one slot; 429 when every open session is busy."""
+        need = len(self.sessions) + len(self._reserved) - self.settings.max_sessions + 1
+        if need <= 0:
+            return []
+        idle = [s for s in sorted(self.sessions.values(), key=lambda s: s.last_access)
+                if not s.waiting and not s.work_lock.locked()]
+        if len(idle) < need:
+            raise TooManySessions(
+                f"all {len(self.sessions)} open sessions are busy (SAM2_MAX_SESSIONS="
+                f"{self.settings.max_sessions}); try again when one finishes", retry_after=5)
+        taken = []
+        for session in idle:
+            if len(taken) == need:
+                break
+            if self._take_idle(session):
+                taken.append(session)
+        if len(taken) < need:  # one turned busy meanwhile
+            self._close_taken(taken)
+            raise TooManySessions("every open session is busy; try again shortly", retry_after=2)
+        self.counters["sessions_evicted"] += len(taken)
+        return taken
+
+    def _close_taken(self, sessions: list[Session]) -> None:
+        for session in sessions:
+            try:
+                self._finish_close(session, delete_files=False)
+            finally:
+                session.work_lock.release()
+
+    def _finish_close(self, session: Session, delete_files: bool) -> None:
+        """Free a session taken out of ``sessions`` (its work lock held); files stay or go."""
+        try:
+            try:
+                session.drain_writes()
+            except Exception:  # e.g. a full disk: what could not be written is not listed
+                logger.exception("session %s: writes failed while closing", session.id)
+            session.extractor.stop()
+            session.state = None
+            shutil.rmtree(session.state_dir, ignore_errors=True)
+            if delete_files:
+                shutil.rmtree(session.dir, ignore_errors=True)
+                shutil.rmtree(session.upload_path.parent, ignore_errors=True)
+            else:
+                session.open_marker.unlink(missing_ok=True)  # closed cleanly
+        finally:
+            with self._sessions_lock:
+                event = self._transit.pop(session.id, None)
+            if event is not None:
+                event.set()
+            _free_device_memory()
+
+    def create_session(self, session_id: str, video_path: Path, filename: str,
+                       owner: str | None = None) -> Session:
         """Probe the stored upload, start writing its frames, return once frame 0 is on disk."""
         s = self.settings
+        with self._sessions_lock:
+            reserved = session_id in self._reserved
+        if not reserved:
+            self.reserve(session_id)
         session_dir = s.output_dir / session_id
         try:
-            self.check_capacity()
-            info = probe(video_path, max_frames=s.max_frames)
+            try:
+                info = probe(video_path, max_frames=s.max_frames, max_pixels=s.max_video_pixels,
+                             min_side=s.min_video_side)
+            except StillImage as exc:
+                raise NotAVideo(f"{exc}; upload a video file (mp4, mov, webm, mkv, avi...)") \
+                    from exc
+            except VideoSizeOutOfLimits as exc:
+                raise VideoSizeRefused(str(exc)) from exc
             for sub in ("frames", "masks", "overlays"):
                 (session_dir / sub).mkdir(parents=True, exist_ok=True)
-            extractor = FrameExtractor(video_path, session_dir / "frames", info, s.jpeg_quality)
+            extractor = FrameExtractor(video_path, session_dir / "frames", info, s.jpeg_quality,
+                                       s.max_video_pixels)
             extractor.start()
             try:
                 extractor.wait_for(0, s.frame_wait_timeout_s)
             except (RuntimeError, TimeoutError) as exc:
                 extractor.stop()
                 raise VideoUnreadable(f"the first frame cannot be decoded ({exc})") from exc
-        except VideoUnreadable as exc:
+            session = Session(dir=session_dir, id=session_id, upload_path=video_path,
+                              filename=Path(filename or "video").name, info=info,
+                              extractor=extractor, owner=owner)
+            session.open_marker.touch()
+            atomic_write_bytes(session.info_path, json.dumps(self._info(session)).encode())
+            self._save_manifest(session)
+        except BaseException as exc:
+            self.release(session_id)
             shutil.rmtree(session_dir, ignore_errors=True)
             shutil.rmtree(video_path.parent, ignore_errors=True)
-            raise VideoInvalid(f"{exc}; upload a video file FFmpeg can decode "
-                               f"(mp4, mov, webm, mkv, avi...)") from exc
-        except BaseException:
-            shutil.rmtree(session_dir, ignore_errors=True)
-            shutil.rmtree(video_path.parent, ignore_errors=True)
+            if isinstance(exc, VideoUnreadable):
+                raise VideoInvalid(f"{exc}; upload a video file FFmpeg can decode "
+                                   f"(mp4, mov, webm, mkv, avi...)") from exc
+            if is_disk_full(exc):
+                raise DiskFull("the disk is full: the upload could not be stored") from exc
             raise
-        session = Session(id=session_id, dir=session_dir, upload_path=video_path,
-                          filename=Path(filename or "video").name, info=info, extractor=extractor)
         with self._sessions_lock:
+            self._reserved.discard(session_id)
             self.sessions[session_id] = session
-        self._save_manifest(session)
         logger.info("session %s: %s, %d frames %dx%d @ %.3f fps", session_id, session.filename,
                     info.num_frames, info.width, info.height, float(info.fps))
         return session
 
-    def get(self, session_id: str) -> Session:
+    @staticmethod
+    def _info(session: Session) -> dict:
+        return {"session_id": session.id, "filename": session.filename, "owner": session.owner,
+                "created_at": session.created_at, "num_frames": session.info.num_frames,
+                "width": session.info.width, "height": session.info.height}
+
+    def _stored_owner(self, session_id: str) -> tuple[bool, str | None]:
+        """(whether the session exists on disk, the key id that owns it), without opening it."""
+        files = SessionFiles(self.settings.output_dir / session_id)
+        for path in (files.info_path, files.manifest_path):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                return True, data.get("owner")
+        return False, None
+
+    def get(self, session_id: str, caller: Caller = LOCAL_USER) -> Session:
+        """An open session, reopened from disk if needed; 404 for a session the caller may not
+        see, exactly as for one that does not exist."""
+        if not is_session_id(session_id):
+            raise SessionNotFound(f"no session {session_id}; upload a video to start one")
         session = self.sessions.get(session_id)
         if session is None:
-            session = self._restore(session_id)
+            exists, owner = self._stored_owner(session_id)
+            if exists and caller.may_access(owner):
+                session = self._reopen(session_id)
+        elif not caller.may_access(session.owner):
+            session = None
         if session is None:
             raise SessionNotFound(f"no session {session_id}; upload a video to start one")
         session.last_access = time.time()
         return session
 
-    @contextlib.contextmanager
-    def _working(self, session: Session, what: str, drain: bool = True):
-        if not session.work_lock.acquire(timeout=self.settings.session_lock_timeout_s):
+    def get_open(self, session_id: str, caller: Caller = LOCAL_USER) -> Session | None:
+        """The session if it is open, else None; never touches the disk (for the event loop)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return None
+        if not caller.may_access(session.owner):
+            raise SessionNotFound(f"no session {session_id}; upload a video to start one")
+        session.last_access = time.time()
+        return session
+
+    def list_sessions(self, caller: Caller = LOCAL_USER) -> list[dict]:
+        """The caller's sessions, open or on disk, newest first."""
+        found: dict[str, dict] = {}
+        for session in list(self.sessions.values()):
+            if caller.may_access(session.owner):
+                found[session.id] = self._info(session) | {
+                    "open": True, "busy_with": session.busy_with,
+                    "last_access": session.last_access}
+        for folder in self.settings.output_dir.iterdir():
+            if folder.name in found or not is_session_id(folder.name):
+                continue
+            try:
+                info = json.loads(SessionFiles(folder).info_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if caller.may_access(info.get("owner")):
+                found[folder.name] = info | {"open": False, "busy_with": None,
+                                             "last_access": None}
+        return sorted(found.values(), key=lambda i: i.get("created_at") or 0, reverse=True)
+
+    def _reopen(self, session_id: str) -> Session:
+        """Open a session that is on disk, making room for it; one thread does it, others wait."""
+        while True:
+            with self._sessions_lock:
+                session = self.sessions.get(session_id)
+                if session is not None:
+                    return session
+                event = self._transit.get(session_id)
+                if event is None:
+                    victims = self._make_room()
+                    self._reserved.add(session_id)
+                    event = self._transit[session_id] = threading.Event()
+                    break
+            if not event.wait(max(self.settings.session_lock_timeout_s, 1.0)):
+                raise SessionBusy(f"session {session_id} is being opened or closed; try again",
+                                  retry_after=2)
+        session = None
+        try:
+            self._close_taken(victims)
+            session = self._restore(session_id)
+        finally:
+            with self._sessions_lock:
+                self._reserved.discard(session_id)
+                if session is not None:
+                    self.sessions[session_id] = session
+                self._transit.pop(session_id, None)
+            event.set()
+        if session is None:
+            raise SessionNotFound(f"session {session_id} cannot be reopened from its folder; "
+                                  f"see the server log")
+        return session
+
+    def _working_enter(self, session: Session, what: str) -> None:
+        with session.meta_lock:
+            self._check_queue(session)
+            session.waiting += 1
+        try:
+            acquired = session.work_lock.acquire(timeout=self.settings.session_lock_timeout_s)
+        finally:
+            with session.meta_lock:
+                session.waiting -= 1
+        if not acquired:
             raise SessionBusy(
                 f"session {session.id} is busy ({session.busy_with}); wait for it to finish or "
-                f"cancel its job"
-            )
+                f"cancel its job", retry_after=self._retry_after(session))
+
+    def _retry_after(self, session: Session) -> float:
+        etas = [j.snapshot()["eta_s"] for j in self.jobs.for_session(session.id)
+                if not j.finished]
+        etas = [e for e in etas if e]
+        return min(60.0, max(1.0, min(etas))) if etas else 2.0
+
+    @contextlib.contextmanager
+    def _working(self, session: Session, what: str, drain: bool = True):
+        """Hold the session for model work, file rewrites or an export; yields the live session.
+
+        At most SAM2_SESSION_QUEUE requests wait for a busy session; more get SessionBusy at
+        once. A session closed while this waited (evicted, expired) is reopened. A CUDA
+        out-of-memory error drops the session's model state, which is rebuilt from its prompts
+        on the next call, and becomes ModelOutOfMemory; a full disk becomes DiskFull.
+        """
+        for _ in range(3):
+            self._working_enter(session, what)
+            if not session.closed:
+                break
+            session.work_lock.release()
+            session = self.get(session.id)
+        else:
+            raise SessionBusy(f"session {session.id} is being reopened; try again", retry_after=2)
         session.busy_with = what
         try:
             # Work that reads or deletes mask files waits for writes in flight; clicks and
@@ -416,7 +714,21 @@ class SAM2Manager:
             # rewrites need no wait: they run in order on one thread, each from a fresh snapshot.
             if drain:
                 session.drain_writes(manifest=False)
-            yield
+            yield session
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                session.state = None
+                _free_device_memory()
+                self.counters["out_of_memory"] += 1
+                logger.warning("session %s: out of memory during %s", session.id, what)
+                raise ModelOutOfMemory(
+                    "the model ran out of GPU memory. The session is intact: try again with "
+                    "fewer objects or a shorter range, or run the server with a smaller model "
+                    "(SAM2_MODEL=tiny) or a smaller SAM2_IMAGE_SIZE", retry_after=5) from exc
+            if is_disk_full(exc):
+                raise DiskFull("the disk is full: delete sessions you no longer need (DELETE "
+                               "/session/{id}); files already written are intact") from exc
+            raise
         finally:
             session.busy_with = None
             session.last_access = time.time()
@@ -430,88 +742,97 @@ class SAM2Manager:
             session.pending_writes[frame_idx] = future
 
     def _restore(self, session_id: str) -> Session | None:
-        """Reopen a session closed by a restart or idle expiry from its folder and manifest."""
-        session_dir = self.settings.output_dir / session_id
-        manifest = session_dir / MANIFEST_NAME
-        if not manifest.is_file():
+        """Rebuild a session closed by a restart, idle expiry or eviction from its folder."""
+        files = SessionFiles(self.settings.output_dir / session_id)
+        try:
+            if files.open_marker.exists():
+                recovery.reconcile(files)  # the process that had it open died
+            data = json.loads(files.manifest_path.read_text())
+            v = data["video"]
+            info = VideoInfo(num_frames=v["num_frames"], width=v["width"], height=v["height"],
+                             fps=Fraction(v["fps_rational"]), codec=v["codec"],
+                             container=v["container"], rotation=v["rotation"])
+            upload = self.settings.upload_dir / session_id / data.get("upload", "video.bin")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("session %s cannot be restored: %s", session_id, exc)
             return None
-        with self._sessions_lock:
-            if session_id in self.sessions:
-                return self.sessions[session_id]
-            try:
-                data = json.loads(manifest.read_text())
-                v = data["video"]
-                info = VideoInfo(num_frames=v["num_frames"], width=v["width"],
-                                 height=v["height"], fps=Fraction(v["fps_rational"]),
-                                 codec=v["codec"], container=v["container"],
-                                 rotation=v["rotation"])
-                upload = self.settings.upload_dir / session_id / data.get("upload", "video.bin")
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                logger.warning("session %s cannot be restored: %s", session_id, exc)
-                return None
-            if len(self.sessions) >= self.settings.max_sessions:
-                self.check_capacity()
-            extractor = FrameExtractor(upload, session_dir / "frames", info,
-                                       self.settings.jpeg_quality)
-            last_frame = session_dir / "frames" / f"{info.num_frames - 1:05d}.jpg"
-            if v.get("frames_decoded") == info.num_frames and last_frame.is_file():
-                extractor.mark_complete()
-            elif upload.is_file():
-                extractor.start()
-            else:
-                logger.warning("session %s: frames incomplete and upload missing", session_id)
-                return None
-            session = Session(id=session_id, dir=session_dir, upload_path=upload,
-                              filename=data.get("filename", upload.name), info=info,
-                              extractor=extractor, created_at=data.get("created_at", time.time()))
-            for oid, per_frame in data.get("current_prompts", {}).items():
-                session.prompts[int(oid)] = {int(f): PromptRecord(**rec)
-                                             for f, rec in per_frame.items()}
-            session.objects = {o["obj_id"]: {"obj_id": o["obj_id"], "color": o["color"]}
-                               for o in data.get("objects", [])}
-            session.history = list(data.get("prompts", []))
-            session.mask_frames = {f for f in data.get("mask_frames", [])
-                                   if session.mask_path(f).is_file()}
-            session.scores = {int(f): {int(o): sc for o, sc in per.items()}
-                              for f, per in data.get("scores", {}).items()}
-            session.propagations = list(data.get("propagations", []))
-            self.sessions[session_id] = session
-        logger.info("session %s restored from %s", session_id, manifest)
+        extractor = FrameExtractor(upload, files.frames_dir, info, self.settings.jpeg_quality,
+                                   self.settings.max_video_pixels)
+        if v.get("frames_decoded") == info.num_frames and files.frame_file(
+                info.num_frames - 1).is_file():
+            extractor.mark_complete()
+        elif upload.is_file():
+            extractor.start()
+        else:
+            logger.warning("session %s: frames incomplete and upload missing", session_id)
+            return None
+        session = Session(dir=files.dir, id=session_id, upload_path=upload,
+                          filename=data.get("filename", upload.name), info=info,
+                          extractor=extractor, owner=data.get("owner"),
+                          created_at=data.get("created_at", time.time()))
+        for oid, per_frame in data.get("current_prompts", {}).items():
+            session.prompts[int(oid)] = {int(f): PromptRecord(**rec)
+                                         for f, rec in per_frame.items()}
+        session.objects = {o["obj_id"]: {"obj_id": o["obj_id"], "color": o["color"]}
+                           for o in data.get("objects", [])}
+        session.history = list(data.get("prompts", []))
+        session.mask_frames = {f for f in data.get("mask_frames", [])
+                               if session.mask_path(f).is_file()}
+        session.scores = {int(f): {int(o): sc for o, sc in per.items()}
+                          for f, per in data.get("scores", {}).items()}
+        session.propagations = list(data.get("propagations", []))
+        if not files.info_path.is_file():  # made before info.json existed
+            atomic_write_bytes(files.info_path, json.dumps(self._info(session)).encode())
+        files.open_marker.touch()
+        logger.info("session %s reopened from its folder", session_id)
         return session
 
     def close_session(self, session_id: str, delete_files: bool) -> None:
         session = self.get(session_id)
         for job in self.jobs.for_session(session_id):
             job.cancel_event.set()
-        with self._working(session, "closing"):
-            session.drain_writes()
+        with self._working(session, "closing") as session:
             with self._sessions_lock:
-                self.sessions.pop(session_id, None)
-            session.extractor.stop()
-            session.state = None
-            shutil.rmtree(session.state_dir, ignore_errors=True)
-        _free_device_memory()
-        if delete_files:
-            shutil.rmtree(session.dir, ignore_errors=True)
-            shutil.rmtree(session.upload_path.parent, ignore_errors=True)
+                self.sessions.pop(session.id, None)
+                session.closed = True
+                self._transit[session.id] = threading.Event()
+            self._finish_close(session, delete_files)
         logger.info("session %s closed%s", session_id, " and deleted" if delete_files else "")
 
     def cleanup_expired(self, now: float | None = None) -> list[str]:
         """Close sessions idle longer than the TTL (their files stay on disk)."""
         now = time.time() if now is None else now
-        expired = [
-            sid for sid, sess in list(self.sessions.items())
-            if now - sess.last_access > self.settings.session_ttl_s and not sess.work_lock.locked()
-        ]
-        for sid in expired:
-            with contextlib.suppress(SessionNotFound, SessionBusy):
-                self.close_session(sid, delete_files=False)
-        return expired
+        with self._sessions_lock:
+            taken = [s for s in sorted(self.sessions.values(), key=lambda s: s.last_access)
+                     if now - s.last_access > self.settings.session_ttl_s
+                     and self._take_idle(s)]
+        self._close_taken(taken)
+        return [s.id for s in taken]
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: propagations and exports stop at their next frame and are recorded as
+        interrupted; new work is refused."""
+        self.stopping.set()
+        self._retry_now.set()
 
     def shutdown(self) -> None:
-        for sid in list(self.sessions):
-            with contextlib.suppress(ManagerError):
-                self.close_session(sid, delete_files=False)
+        """Stop running work (bounded by SAM2_SHUTDOWN_TIMEOUT_S), write every manifest, close."""
+        self.begin_shutdown()
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        for job in self.jobs.running():
+            while not job.finished and time.monotonic() < deadline:
+                job.wait_change(job.version, max(0.0, deadline - time.monotonic()))
+        taken = [s for s in list(self.sessions.values())
+                 if s.work_lock.acquire(timeout=max(0.0, deadline - time.monotonic()))]
+        with self._sessions_lock:
+            for s in taken:
+                self.sessions.pop(s.id, None)
+                s.closed = True
+        for session in taken:
+            try:
+                self._finish_close(session, delete_files=False)
+            finally:
+                session.work_lock.release()
         self._writer.shutdown(wait=True)
         self._manifest_writer.shutdown(wait=True)
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
@@ -529,34 +850,112 @@ class SAM2Manager:
             raise InvalidRequest(f"{field} {frame_idx} is out of range: the video has frames "
                                  f"0..{n - 1}")
 
+    def _existing_frame(self, session: Session, path: Path, frame_idx: int) -> Path:
+        if not path.is_file():
+            raise FileMissing(f"the file of frame {frame_idx} is missing on the server; upload "
+                              f"the video again to rebuild the session")
+        return path
+
     def frame_path(self, session: Session, frame_idx: int) -> Path:
         """Path of the frame's JPEG, waiting while the background decoder gets there."""
         self.check_frame(session, frame_idx)
         try:
-            return session.extractor.wait_for(frame_idx, self.settings.frame_wait_timeout_s)
+            path = session.extractor.wait_for(frame_idx, self.settings.frame_wait_timeout_s)
         except TimeoutError as exc:
-            raise FrameNotReady(f"{exc}; try again shortly") from exc
+            raise FrameNotReady(f"{exc}; try again shortly", retry_after=2) from exc
         except RuntimeError as exc:
             raise VideoInvalid(str(exc)) from exc
+        return self._existing_frame(session, path, frame_idx)
+
+    async def frame_file(self, session: Session, frame_idx: int) -> Path:
+        """``frame_path`` for a request handler: waits for the decoder without a thread."""
+        self.check_frame(session, frame_idx)
+        try:
+            path = await session.extractor.wait_for_async(frame_idx,
+                                                          self.settings.frame_wait_timeout_s)
+        except TimeoutError as exc:
+            raise FrameNotReady(f"{exc}; try again shortly", retry_after=2) from exc
+        except RuntimeError as exc:
+            raise VideoInvalid(str(exc)) from exc
+        return self._existing_frame(session, path, frame_idx)
+
+    async def _await_write(self, session: Session, frame_idx: int) -> None:
+        with session.meta_lock:
+            future = session.pending_writes.get(frame_idx)
+        if future is not None:
+            await asyncio.wrap_future(future)
+            session.wait_for_write(frame_idx)  # done: only drops it from pending_writes
+
+    def _listed_mask(self, session: Session, frame_idx: int) -> Path | None:
+        """The frame's mask file if it has one; a listed mask whose file is gone is unlisted
+        (409 this time, so the client learns why it disappeared)."""
+        with session.meta_lock:
+            if frame_idx not in session.mask_frames:
+                return None
+        path = session.mask_path(frame_idx)
+        if path.is_file():
+            return path
+        with session.meta_lock:
+            session.mask_frames.discard(frame_idx)
+            session.scores.pop(frame_idx, None)
+        self._save_manifest(session, wait=False)
+        raise FileMissing(f"the mask file of frame {frame_idx} is missing on the server; annotate "
+                          f"the frame or propagate over it again to rebuild it")
+
+    async def mask_file(self, session: Session, frame_idx: int) -> Path:
+        self.check_frame(session, frame_idx)
+        await self._await_write(session, frame_idx)
+        path = self._listed_mask(session, frame_idx)
+        if path is None:
+            raise MaskNotFound(f"frame {frame_idx} has no mask yet: annotate it or propagate "
+                               f"over it first")
+        return path
+
+    async def overlay_file(self, session: Session, frame_idx: int) -> Path:
+        """The frame with its masks drawn; the plain frame if it has none. A missing or
+        unreadable overlay is rebuilt from the mask and the frame."""
+        self.check_frame(session, frame_idx)
+        await self._await_write(session, frame_idx)
+        if self._listed_mask(session, frame_idx) is None:
+            return await self.frame_file(session, frame_idx)
+        path = session.overlay_path(frame_idx)
+        if not path.is_file():
+            await self.frame_file(session, frame_idx)
+            await asyncio.get_running_loop().run_in_executor(
+                self._writer, self._rebuild_overlay, session, frame_idx)
+        return path
+
+    def _rebuild_overlay(self, session: Session, frame_idx: int) -> np.ndarray:
+        """Write the frame's overlay again from its mask and frame; returns it (RGB)."""
+        labels_map = self.read_label_map(session, frame_idx)
+        rgb = mask_ops.overlay(read_rgb(self.frame_path(session, frame_idx)), labels_map)
+        write_jpeg(session.overlay_path(frame_idx), rgb, self.settings.jpeg_quality)
+        return rgb
+
+    def overlay_rgb(self, session: Session, frame_idx: int) -> np.ndarray:
+        """The overlay as RGB for exports, rebuilt when its file is missing or unreadable."""
+        try:
+            return read_rgb(session.overlay_path(frame_idx))
+        except OSError:
+            return self._rebuild_overlay(session, frame_idx)
 
     def overlay_path(self, session: Session, frame_idx: int) -> Path:
         self.check_frame(session, frame_idx)
-        with session.meta_lock:
-            has_mask = frame_idx in session.mask_frames
-        if not has_mask:
-            return self.frame_path(session, frame_idx)
         session.wait_for_write(frame_idx)
+        if self._listed_mask(session, frame_idx) is None:
+            return self.frame_path(session, frame_idx)
+        if not session.overlay_path(frame_idx).is_file():
+            self._rebuild_overlay(session, frame_idx)
         return session.overlay_path(frame_idx)
 
     def mask_path(self, session: Session, frame_idx: int) -> Path:
         self.check_frame(session, frame_idx)
-        with session.meta_lock:
-            has_mask = frame_idx in session.mask_frames
-        if not has_mask:
+        session.wait_for_write(frame_idx)
+        path = self._listed_mask(session, frame_idx)
+        if path is None:
             raise MaskNotFound(f"frame {frame_idx} has no mask yet: annotate it or propagate "
                                f"over it first")
-        session.wait_for_write(frame_idx)
-        return session.mask_path(frame_idx)
+        return path
 
     def _state(self, session: Session) -> dict:
         predictor = self._require_model()
@@ -643,7 +1042,7 @@ class SAM2Manager:
         points = [[float(x), float(y)] for x, y in (points or [])]
         labels = [int(v) for v in (labels or [])]
         self._validate_prompt(session, frame_idx, obj_id, points, labels, box, mask)
-        with self._working(session, "prompt", drain=False):
+        with self._working(session, "prompt", drain=False) as session:
             predictor = self._require_model()
             state = self._state(session)
             old = session.prompts.get(obj_id, {}).get(frame_idx)
@@ -690,7 +1089,7 @@ class SAM2Manager:
         """Remove one object's prompts on one frame (removing the object if none remain)."""
         session = self.get(session_id)
         self.check_frame(session, frame_idx, "frame_idx")
-        with self._working(session, "prompt", drain=False):
+        with self._working(session, "prompt", drain=False) as session:
             if frame_idx not in session.prompts.get(obj_id, {}):
                 raise InvalidPrompt(f"object {obj_id} has no prompts on frame {frame_idx}")
             if len(session.prompts[obj_id]) == 1:
@@ -716,7 +1115,7 @@ class SAM2Manager:
 
     def remove_object(self, session_id: str, obj_id: int) -> dict:
         session = self.get(session_id)
-        with self._working(session, "prompt"):
+        with self._working(session, "prompt") as session:
             return self._remove_object_locked(session, obj_id)
 
     def _remove_object_locked(self, session: Session, obj_id: int) -> dict:
@@ -746,7 +1145,7 @@ class SAM2Manager:
     def reset(self, session_id: str) -> dict:
         """Drop every prompt, object and mask of the session; the video stays."""
         session = self.get(session_id)
-        with self._working(session, "prompt"):
+        with self._working(session, "prompt") as session:
             if session.state is not None and self.predictor is not None:
                 with self._model_ctx():
                     self.predictor.reset_state(session.state)
@@ -799,23 +1198,31 @@ class SAM2Manager:
         """Track every object from ``start_frame`` over the range, writing masks and overlays."""
         session = self.get(session_id)
         passes = self.plan_propagation(session, start_frame, end_frame, direction, max_frames)
-        progress = progress or Progress()
-        with self._working(session, "propagation", drain=False):
+        progress = progress or Progress(stop_event=self.stopping)
+        with self._working(session, "propagation", drain=False) as session:
             predictor = self._require_model()
             if not session.has_prompts():
                 raise NoPrompts("nothing to propagate: add points, a box or a mask on a frame "
                                 "first (POST /annotate-frame)")
+            self.check_disk(session.owner)
             state = self._state(session)
             total = sum(abs(last - first) + 1 for _, first, last in passes)
             written: list[int] = []
             t0 = time.perf_counter()
             last_save = t0
-            record = {"start_frame": start_frame, "passes": [], "at": time.time()}
+            # Listed from the start as running, so a crash leaves a trace (recovery.reconcile).
+            record = {"start_frame": start_frame, "passes": [], "at": time.time(),
+                      "status": "running",
+                      "job_id": progress.job_id}
+            with session.meta_lock:
+                session.propagations.append(record)
+            self._save_manifest(session, wait=False)
             pending: deque[Future] = deque()
             try:
                 for reverse, first, last in passes:
-                    record["passes"].append({"direction": "backward" if reverse else "forward",
-                                             "from": first, "to": last})
+                    with session.meta_lock:
+                        record["passes"].append({"direction": "backward" if reverse
+                                                 else "forward", "from": first, "to": last})
                     if reverse and first == 0:
                         continue  # sam2 does not track backwards from frame 0
                     gen = predictor.propagate_in_video(
@@ -831,34 +1238,42 @@ class SAM2Manager:
                             while len(pending) > 2 * self.settings.writer_workers + 2:
                                 pending.popleft().result()
                             written.append(frame_idx)
+                            self.counters["frames_propagated"] += 1
                             if time.perf_counter() - last_save > 5:
                                 last_save = time.perf_counter()
+                                self.check_disk(session.owner)
                                 self._save_manifest(session, wait=False)
                             progress.update(frame_idx, len(written), total)
                     # The next pass rewrites the start frame: its earlier write must land first.
                     while pending:
                         pending.popleft().result()
-            except JobCancelled:
-                self._finish_propagation(session, record, written, pending, t0, cancelled=True)
-                raise JobCancelled(
+            except JobCancelled as exc:
+                self._finish_propagation(session, record, written, pending, t0, exc.status)
+                raise type(exc)(
                     self._propagation_result(session, record, written, t0, True)) from None
             except BaseException:
-                self._finish_propagation(session, record, written, pending, t0, cancelled=True)
+                self._finish_propagation(session, record, written, pending, t0, "failed")
                 raise
-            self._finish_propagation(session, record, written, pending, t0, cancelled=False)
+            self._finish_propagation(session, record, written, pending, t0, "done")
             return self._propagation_result(session, record, written, t0, False)
 
     def _finish_propagation(self, session: Session, record: dict, written: list[int],
-                            pending: deque[Future], t0: float, cancelled: bool) -> None:
+                            pending: deque[Future], t0: float, status: str) -> None:
+        failed = None
         for fut in pending:
-            fut.result()
-        record.update(frames=len(set(written)), cancelled=cancelled,
-                      first_frame=min(written) if written else None,
-                      last_frame=max(written) if written else None,
-                      seconds=round(time.perf_counter() - t0, 3))
+            try:
+                fut.result()
+            except Exception as exc:  # e.g. a full disk: the frame is not listed
+                failed = exc
         with session.meta_lock:
-            session.propagations.append(record)
+            done = sorted(f for f in set(written) if f in session.mask_frames)
+            record.update(frames=len(done), cancelled=status != "done", status=status,
+                          first_frame=done[0] if done else None,
+                          last_frame=written[-1] if written else None,
+                          seconds=round(time.perf_counter() - t0, 3))
         self._save_manifest(session)
+        if failed is not None and status == "done":
+            raise failed
 
     def _propagation_result(self, session: Session, record: dict, written: list[int], t0: float,
                             cancelled: bool) -> dict:
@@ -886,8 +1301,19 @@ class SAM2Manager:
                               kwargs.get("direction"), kwargs.get("max_frames"))
         if not session.has_prompts():
             raise NoPrompts("nothing to propagate: add points, a box or a mask on a frame first")
-        job = Job(kind="propagate", session_id=session.id)
+        self._check_queue(session)
+        self.check_disk(session.owner)
+        job = Job(kind="propagate", session_id=session.id, params=kwargs)
         return self.jobs.start(job, lambda p: self.propagate(session_id, progress=p, **kwargs))
+
+    def _check_queue(self, session: Session) -> None:
+        """Refuse at once work that would only wait behind a full queue (jobs check this before
+        their thread starts, so the client gets the 409, not a failed job)."""
+        with session.meta_lock:
+            if session.work_lock.locked() and session.waiting >= self.settings.session_queue:
+                raise SessionBusy(f"session {session.id} is busy ({session.busy_with}) and "
+                                  f"{session.waiting} requests already wait for it",
+                                  retry_after=self._retry_after(session))
 
     # -- outputs ---------------------------------------------------------------------------
     def _frame_scores(self, state: dict, frame_idx: int, temp: bool) -> dict[int, dict]:
@@ -928,7 +1354,7 @@ class SAM2Manager:
             if seq is not None and session.write_seq.get(frame_idx) != seq:
                 return False
             write_png(session.mask_path(frame_idx), labels_map)
-            rgb = read_rgb(self.frame_path(session, frame_idx))
+            rgb = self.frame_rgb(session, frame_idx)
             write_jpeg(session.overlay_path(frame_idx), mask_ops.overlay(rgb, labels_map),
                        self.settings.jpeg_quality)
             return True
@@ -965,9 +1391,19 @@ class SAM2Manager:
 
     def read_label_map(self, session: Session, frame_idx: int) -> np.ndarray:
         labels_map = cv2.imread(str(session.mask_path(frame_idx)), cv2.IMREAD_UNCHANGED)
-        if labels_map is None:
-            raise MaskNotFound(f"mask of frame {frame_idx} is missing on disk")
+        if labels_map is None or labels_map.shape != (session.info.height, session.info.width):
+            raise FileMissing(f"the mask file of frame {frame_idx} is missing or damaged on the "
+                              f"server; annotate the frame or propagate over it again")
         return labels_map
+
+    def frame_rgb(self, session: Session, frame_idx: int) -> np.ndarray:
+        try:
+            return read_rgb(self.frame_path(session, frame_idx))
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise
+            raise FileMissing(f"the file of frame {frame_idx} is damaged on the server; upload "
+                              f"the video again to rebuild the session") from exc
 
     def export_range(self, session: Session, start_frame: int | None,
                      end_frame: int | None) -> tuple[int, int]:
@@ -988,8 +1424,9 @@ class SAM2Manager:
             raise InvalidRequest(f"unknown export format {fmt!r}; use one of "
                                  f"{', '.join(exports.FORMATS)}")
         first, last = self.export_range(session, start_frame, end_frame)
-        progress = progress or Progress()
-        with self._working(session, "export"):
+        progress = progress or Progress(stop_event=self.stopping)
+        with self._working(session, "export") as session:
+            self.check_disk(session.owner)
             with session.meta_lock:
                 mask_frames = set(session.mask_frames)
                 scores = {f: dict(v) for f, v in session.scores.items()}
@@ -1006,13 +1443,20 @@ class SAM2Manager:
             src = exports.ExportSource(
                 first=first, last=last, width=session.info.width, height=session.info.height,
                 fps=session.info.fps, mask_frames=mask_frames,
-                frame_rgb=lambda f: read_rgb(self.frame_path(session, f)),
-                overlay_rgb=lambda f: read_rgb(session.overlay_path(f)),
+                frame_rgb=lambda f: self.frame_rgb(session, f),
+                overlay_rgb=lambda f: self.overlay_rgb(session, f),
                 label_map=lambda f: self.read_label_map(session, f),
                 objects=objects, scores=scores,
-                report=lambda f, done, total: progress.update(f, done, total))
+                report=lambda f, done, total: self._export_progress(session, progress, f, done,
+                                                                    total))
             exports.write_export(fmt, out, src, polygons=polygons)
         return out
+
+    def _export_progress(self, session: Session, progress: Progress, frame_idx: int, done: int,
+                         total: int) -> None:
+        if done % 64 == 0:
+            self.check_disk(session.owner)
+        progress.update(frame_idx, done, total)
 
     def export_file(self, session_id: str, name: str) -> Path:
         """A file written by an earlier export of the session, by its bare name."""
@@ -1035,7 +1479,11 @@ class SAM2Manager:
         self.export_range(session, start_frame, end_frame)
         if not session.mask_frames:
             raise NoMasks("no masks to export yet: annotate a frame and propagate first")
-        job = Job(kind="export", session_id=session.id)
+        self._check_queue(session)
+        self.check_disk(session.owner)
+        job = Job(kind="export", session_id=session.id,
+                  params={"format": fmt, "start_frame": start_frame, "end_frame": end_frame,
+                          "polygons": polygons})
 
         def work(progress: Progress) -> dict:
             path = self.export(session_id, fmt, start_frame, end_frame, polygons, progress)
@@ -1043,6 +1491,42 @@ class SAM2Manager:
                     "download_url": f"/exports/{session_id}/{path.name}"}
 
         return self.jobs.start(job, work)
+
+    # -- jobs ------------------------------------------------------------------------------
+    def _save_job(self, job: Job) -> None:
+        """Keep the job's record with its session (``jobs/{id}.json``), to outlive the process."""
+        files = SessionFiles(self.settings.output_dir / job.session_id)
+        try:
+            files.jobs_dir.mkdir(exist_ok=True)
+            atomic_write_bytes(files.job_path(job.id),
+                               json.dumps(job.record(), default=str).encode())
+        except FileNotFoundError:  # the session was deleted meanwhile
+            pass
+
+    def _owner_of(self, session_id: str) -> tuple[bool, str | None]:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            return True, session.owner
+        return self._stored_owner(session_id)
+
+    def find_job(self, job_id: str, caller: Caller = LOCAL_USER) -> Job:
+        """A job of this process, or one recorded on disk by an earlier one (which then reads
+        ``interrupted`` if it never finished); 404 for a job of a session the caller cannot see."""
+        job = self.jobs.get(job_id)
+        if job is None and is_job_id(job_id):
+            for path in self.settings.output_dir.glob(f"*/jobs/{job_id}.json"):
+                try:
+                    job = job_from_record(json.loads(path.read_text()))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                break
+        if job is not None:
+            exists, owner = self._owner_of(job.session_id)
+            if not (exists and caller.may_access(owner)):
+                job = None
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        return job
 
     # -- manifest --------------------------------------------------------------------------
     def describe(self, session_id: str) -> dict:
@@ -1056,6 +1540,7 @@ class SAM2Manager:
             return {
                 "session_id": session.id,
                 "filename": session.filename,
+                "owner": session.owner,
                 "upload": session.upload_path.name,
                 "created_at": session.created_at,
                 "last_access": session.last_access,
@@ -1079,7 +1564,8 @@ class SAM2Manager:
                 "num_mask_frames": len(session.mask_frames),
                 "scores": {str(f): {str(o): v for o, v in per.items()}
                            for f, per in sorted(session.scores.items())},
-                "propagations": [dict(p) for p in session.propagations],
+                "propagations": [p | {"passes": [dict(x) for x in p.get("passes", [])]}
+                                 for p in session.propagations],
             }
 
     def _save_manifest(self, session: Session, wait: bool = True) -> None:

@@ -6,7 +6,10 @@ from pathlib import Path
 
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
+
+from disk import is_disk_full
 
 
 class UploadError(Exception):
@@ -15,11 +18,13 @@ class UploadError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-async def receive_file(request: Request, field: str, dest_for, max_bytes: int) -> tuple[Path, str]:
+async def receive_file(request: Request, field: str, dest_for, max_bytes: int,
+                       disk_room: int | None = None) -> tuple[Path, str]:
     """Write the multipart part named ``field`` to ``dest_for(filename)``; return (path, filename).
 
     The body is parsed while it streams in, so an oversized upload is refused after
-    ``max_bytes`` have arrived instead of after all of it has been buffered.
+    ``max_bytes`` have arrived instead of after all of it has been buffered; past ``disk_room``
+    bytes (what the disk quota leaves) it is refused with 507. Other parts are ignored.
     """
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
@@ -30,9 +35,13 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int) -
         raise UploadError(413, "upload_too_large",
                           f"the upload is {int(declared)} bytes; the limit is {max_bytes} "
                           f"(SAM2_MAX_UPLOAD_MB)")
+    if declared and declared.isdigit() and disk_room is not None and int(declared) > disk_room:
+        raise UploadError(507, "insufficient_storage", _no_room(disk_room))
 
+    # "out": the open file while our part streams in; "done" once it has ended.
     state: dict = {"headers": {}, "field": b"", "value": b"", "out": None, "path": None,
-                   "filename": None, "size": 0, "too_big": False}
+                   "filename": None, "size": 0, "too_big": False, "no_room": False,
+                   "done": False}
 
     def on_part_begin():
         state["headers"] = {}
@@ -50,7 +59,7 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int) -
     def on_headers_finished():
         _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
         name = disp.get(b"name", b"").decode("utf-8", "replace")
-        if name == field and state["out"] is None and state["path"] is None:
+        if name == field and state["path"] is None:
             filename = disp.get(b"filename", b"video").decode("utf-8", "replace")
             state["filename"] = filename
             state["path"] = dest_for(filename)
@@ -62,12 +71,16 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int) -
             if state["size"] > max_bytes:
                 state["too_big"] = True
                 return
+            if disk_room is not None and state["size"] > disk_room:
+                state["no_room"] = True
+                return
             state["out"].write(data[start:end])
 
     def on_part_end():
         if state["out"] is not None:
             state["out"].close()
-            state["out"] = False  # done with our part; ignore the rest
+            state["out"] = None
+            state["done"] = True  # our part is complete; later parts are ignored
 
     parser = MultipartParser(params[b"boundary"], {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field,
@@ -82,18 +95,25 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int) -
                 raise UploadError(413, "upload_too_large",
                                   f"the upload passed the limit of {max_bytes} bytes "
                                   f"(SAM2_MAX_UPLOAD_MB)")
+            if state["no_room"]:
+                raise UploadError(507, "insufficient_storage", _no_room(disk_room))
         parser.finalize()
-    except UploadError:
+    except (UploadError, HTTPException):
         _discard(state)
         raise
     except Exception as exc:
         _discard(state)
-        raise UploadError(400, "malformed_upload", f"the multipart body is malformed ({exc})") \
+        if is_disk_full(exc):
+            raise UploadError(507, "insufficient_storage",
+                              "the server's disk is full: the upload could not be stored") \
+                from exc
+        # The parser's message only: an internal exception's text is no client's business.
+        reason = str(exc) if type(exc).__module__.startswith("python_multipart") else "invalid"
+        raise UploadError(400, "malformed_upload", f"the multipart body is malformed ({reason})") \
             from exc
     if state["path"] is None:
         raise UploadError(422, "missing_file", f"no '{field}' field in the form")
-    if state["out"]:
-        state["out"].close()
+    if not state["done"]:
         _discard(state)
         raise UploadError(400, "malformed_upload", "the upload ended in the middle of the file")
     if state["size"] == 0:
@@ -102,8 +122,14 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int) -
     return state["path"], state["filename"]
 
 
+def _no_room(room: int | None) -> str:
+    return (f"the upload does not fit in what the disk quota leaves ({max(room or 0, 0)} bytes, "
+            f"SAM2_MAX_DISK_GB); delete sessions you no longer need with DELETE /session/{{id}}")
+
+
 def _discard(state: dict) -> None:
-    if state["out"]:
+    if state["out"] is not None:
         state["out"].close()
+        state["out"] = None
     if state["path"] is not None:
         Path(state["path"]).unlink(missing_ok=True)

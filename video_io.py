@@ -15,11 +15,25 @@ import av
 import cv2
 import numpy as np
 
+from notify import Notifier
+
 logger = logging.getLogger(__name__)
+
+# Containers FFmpeg opens for a single picture: a still image is not a video.
+_STILL_CONTAINERS = ("image2", "image2pipe")
+_STILL_CODECS = ("png", "mjpeg", "jpeg2000", "webp", "bmp", "tiff", "gif", "apng", "qoi")
 
 
 class VideoUnreadable(ValueError):
     """The upload is not a video FFmpeg can decode (or has no frames)."""
+
+
+class StillImage(VideoUnreadable):
+    """The upload is a picture, not a video."""
+
+
+class VideoSizeRefused(VideoUnreadable):
+    """The video's frame size is outside the accepted limits (known from its header)."""
 
 
 @dataclass(frozen=True)
@@ -62,19 +76,43 @@ def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction:
     return Fraction(30)
 
 
-def probe(path: Path, max_frames: int | None = None) -> VideoInfo:
-    """Read the container's video stream: frame count (by demuxing), size, rotation, exact fps."""
+def check_size(width: int, height: int, max_pixels: int | None, min_side: int) -> None:
+    """Refuse a frame size outside the limits (from a header, before anything is decoded)."""
+    if width <= 0 or height <= 0:
+        raise VideoUnreadable("the video's frame size cannot be read from its header")
+    if max_pixels is not None and width * height > max_pixels:
+        raise VideoSizeRefused(
+            f"the video is {width}x{height} ({width * height} pixels); the limit is {max_pixels} "
+            f"pixels (SAM2_MAX_VIDEO_PIXELS): scale it down first")
+    if min(width, height) < min_side:
+        raise VideoSizeRefused(f"the video is {width}x{height}; each side must be at least "
+                               f"{min_side} pixels")
+
+
+def probe(path: Path, max_frames: int | None = None, max_pixels: int | None = None,
+          min_side: int = 1) -> VideoInfo:
+    """Read the container's video stream: frame count (by demuxing), size, rotation, exact fps.
+
+    The frame size is checked from the stream header before any frame is decoded, so a tiny
+    file announcing a huge picture costs nothing.
+    """
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoUnreadable("the file has no video stream")
             stream = container.streams.video[0]
+            fmt, codec = container.format.name, stream.codec_context.name
+            if fmt.endswith("_pipe") or fmt in _STILL_CONTAINERS:
+                raise StillImage(f"this is a still image ({codec}), not a video")
+            check_size(stream.codec_context.width, stream.codec_context.height, max_pixels,
+                       min_side)
             first = None
             for frame in container.decode(stream):
                 first = frame
                 break
             if first is None:
                 raise VideoUnreadable("the video stream has no decodable frame")
+            check_size(first.width, first.height, max_pixels, min_side)
             rotation = int(getattr(first, "rotation", 0) or 0) % 360
             container.seek(0)
             count = 0
@@ -83,6 +121,8 @@ def probe(path: Path, max_frames: int | None = None) -> VideoInfo:
                     count += 1
                     if max_frames is not None and count > max_frames:
                         raise VideoUnreadable(f"the video has more than {max_frames} frames")
+            if count <= 1 and codec in _STILL_CODECS:
+                raise StillImage(f"this is a single {codec} picture, not a video")
             width, height = first.width, first.height
             if rotation in (90, 270):
                 width, height = height, width
@@ -102,16 +142,22 @@ def probe(path: Path, max_frames: int | None = None) -> VideoInfo:
         raise VideoUnreadable(f"not a readable video ({reason})") from exc
 
 
-def iter_rgb_frames(path: Path, rotation: int) -> Iterable[np.ndarray]:
-    """Decode every frame as an RGB array, rotated for display. Stops quietly at a corrupt tail."""
+def iter_rgb_frames(path: Path, rotation: int, max_pixels: int | None = None
+                    ) -> Iterable[np.ndarray]:
+    """Decode every frame as an RGB array, rotated for display. Stops quietly at a corrupt tail,
+    or at a frame larger than ``max_pixels`` (a stream that grows past its header)."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
             for frame in container.decode(stream):
+                if max_pixels is not None and frame.width * frame.height > max_pixels:
+                    logger.warning("decoding %s stopped: a %dx%d frame passes the pixel limit",
+                                   path.name, frame.width, frame.height)
+                    return
                 yield _rotate(frame.to_ndarray(format="rgb24"), rotation)
         except (av.FFmpegError, OSError) as exc:
-            logger.warning("decoding %s stopped early: %s", path, exc)
+            logger.warning("decoding %s stopped early: %s", path.name, exc)
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int) -> None:
@@ -136,25 +182,37 @@ def read_rgb(path: Path) -> np.ndarray:
     return bgr[..., ::-1]
 
 
+def tmp_path_for(path: Path) -> Path:
+    """Where a file is written before it is renamed into place (``recovery`` sweeps these)."""
+    return path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write ``path`` whole or not at all: a full disk leaves the previous file in place."""
+    tmp = tmp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class FrameExtractor:
     """Writes ``frames/{i:05d}.jpg`` in a background thread; readers wait for the frame they need."""
 
-    def __init__(self, video_path: Path, frames_dir: Path, info: VideoInfo, jpeg_quality: int):
+    def __init__(self, video_path: Path, frames_dir: Path, info: VideoInfo, jpeg_quality: int,
+                 max_pixels: int | None = None):
         self.video_path = video_path
         self.frames_dir = frames_dir
         self.info = info
         self.jpeg_quality = jpeg_quality
+        self.max_pixels = max_pixels
         self.written = 0
         self.padded = 0  # frames the container announced but the decoder could not produce
         self.error: str | None = None
-        self._cond = threading.Condition()
+        self._notify = Notifier()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="frame-extractor", daemon=True)
 
@@ -179,21 +237,26 @@ class FrameExtractor:
 
     def wait_for(self, frame_idx: int, timeout: float) -> Path:
         """Block until frame ``frame_idx`` is on disk; raise TimeoutError or RuntimeError otherwise."""
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: self.written > frame_idx or self.error is not None, timeout=timeout
-            )
+        self._notify.wait(lambda: self.written > frame_idx or self.error is not None, timeout)
+        return self._frame_or_raise(frame_idx)
+
+    async def wait_for_async(self, frame_idx: int, timeout: float) -> Path:
+        """``wait_for`` for a request handler: waits without holding a thread."""
+        await self._notify.wait_async(
+            lambda: self.written > frame_idx or self.error is not None, timeout)
+        return self._frame_or_raise(frame_idx)
+
+    def _frame_or_raise(self, frame_idx: int) -> Path:
         if self.written > frame_idx:
             return self.frame_path(frame_idx)
         if self.error is not None:
             raise RuntimeError(f"frame extraction failed: {self.error}")
-        assert not ok
         raise TimeoutError(f"frame {frame_idx} is still being decoded")
 
     def _publish(self, count: int) -> None:
-        with self._cond:
+        with self._notify.cond:
             self.written = count
-            self._cond.notify_all()
+            self._notify.notify()
 
     def _run(self) -> None:
         # Decoding ahead must not slow the user's clicks: on Linux a thread has its own nice
@@ -204,7 +267,7 @@ class FrameExtractor:
         last: np.ndarray | None = None
         i = 0
         try:
-            for rgb in iter_rgb_frames(self.video_path, self.info.rotation):
+            for rgb in iter_rgb_frames(self.video_path, self.info.rotation, self.max_pixels):
                 if i >= n or self._stop.is_set():
                     break
                 if rgb.shape[:2] != (self.info.height, self.info.width):
@@ -225,11 +288,12 @@ class FrameExtractor:
                     write_jpeg(self.frame_path(i), last, self.jpeg_quality)
                     i += 1
                     self._publish(i)
-        except Exception as exc:  # reported to waiting readers
+        except Exception as exc:  # reported to waiting readers, without server paths
             logger.exception("frame extraction failed for %s", self.video_path)
-            with self._cond:
-                self.error = str(exc)
-                self._cond.notify_all()
+            with self._notify.cond:
+                self.error = (str(exc) if isinstance(exc, VideoUnreadable)
+                              else f"frame {i} could not be decoded or stored")
+                self._notify.notify()
 
 
 def encode_video(

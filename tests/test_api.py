@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -171,31 +172,39 @@ def test_health_ready(client):
     assert body["status"] == "ok"
 
 
-def test_health_503_when_the_checkpoint_is_missing(settings, tmp_path, video):
+def test_failed_model_load_is_retried_once_the_checkpoint_is_in_place(settings, predictor,
+                                                                     checkpoint, tmp_path, video):
+    with TestClient(create_app(settings, SAM2Manager(settings, predictor=predictor))) as c:
+        sid = upload(c, video).json()["session_id"]
     missing = tmp_path / "nowhere" / "sam2.1_hiera_tiny.pt"
-    broken = settings.model_copy(update={"checkpoint": missing})
+    broken = settings.model_copy(update={"checkpoint": missing, "model_retry_s": 3600})
     mgr = SAM2Manager(broken)
     mgr.load_model()  # fails now, in this thread, so nothing below races the loader
     assert mgr.model_status == "error"
     with TestClient(create_app(broken, mgr)) as c:
-        # The lifespan starts its own loader for a manager that is not ready: let it finish.
-        for t in threading.enumerate():
-            if t.name == "model-loader":
-                t.join(timeout=60)
         r = c.get("/health")
         assert r.status_code == 503
         body = r.json()
-        assert body["model_status"] == "error"
-        assert str(missing) in body["detail"]
-        assert body["status"] != "ok"
+        assert body["model_status"] == "error" and body["status"] != "ok"
+        assert "sam2.1_hiera_tiny.pt" in body["detail"]
+        assert str(tmp_path) not in r.text  # no server path, even on /health
+        assert body["next_retry_in_s"] > 3000 and body["load_failures"] == 1
+        assert int(r.headers["Retry-After"]) > 3000
 
-        # Files are still served without a model; model work answers 503.
-        r = upload(c, video)
-        assert r.status_code == 200, r.text
-        sid = r.json()["session_id"]
+        # An existing session's files are still served; model work and new uploads answer 503.
         assert c.get(f"/frame/{sid}/0").status_code == 200
         assert_error(prompt(c, sid), 503, "model_not_ready")
-        assert_error(c.post(f"/propagate/{sid}", json={}), 503, "model_not_ready")
+        assert_error(upload(c, video), 503, "model_not_ready")
+
+        # The checkpoint is put in place: the next request that needs the model retries at
+        # once instead of waiting out the back-off.
+        missing.parent.mkdir()
+        shutil.copy(checkpoint, missing)
+        assert_error(prompt(c, sid), 503, "model_not_ready")
+        assert mgr.wait_ready(timeout=300)
+        assert c.get("/health").status_code == 200
+        assert prompt(c, sid).status_code == 200
+        assert upload(c, video).status_code == 200
 
 
 # ----------------------------------------------------------------------------- /upload-video
@@ -304,16 +313,33 @@ def test_truncated_upload_is_422_or_fully_servable(client, settings, tmp_path, k
     assert_error(client.get(f"/frame/{sid}/{n}"), 404, "frame_out_of_range")
 
 
-def test_too_many_sessions_is_429(client, settings, video):
-    ids = set()
-    for _ in range(settings.max_sessions):
+def test_full_server_closes_the_least_recently_used_idle_session(client, settings, video):
+    mgr = client.manager
+    ids = [upload(client, video).json()["session_id"] for _ in range(settings.max_sessions)]
+    assert client.get(f"/frame/{ids[0]}/0").status_code == 200  # ids[1] is now the oldest use
+    r = upload(client, video)
+    assert r.status_code == 200, r.text
+    assert len(mgr.sessions) == settings.max_sessions
+    assert ids[1] not in mgr.sessions
+    # Its work is on disk: it reopens on its next use (closing the next least recently used).
+    assert client.get(f"/session/{ids[1]}").status_code == 200
+    assert ids[1] in mgr.sessions and len(mgr.sessions) == settings.max_sessions
+
+
+def test_too_many_sessions_is_429_only_when_every_open_one_is_busy(client, settings, video):
+    mgr = client.manager
+    ids = {upload(client, video).json()["session_id"] for _ in range(settings.max_sessions)}
+    busy = list(mgr.sessions.values())
+    for session in busy:
+        session.work_lock.acquire()
+    try:
         r = upload(client, video)
-        assert r.status_code == 200, r.text
-        ids.add(r.json()["session_id"])
-    assert_error(upload(client, video), 429, "too_many_sessions")
-    assert leftovers(settings, keep=ids) == []
-    # Closing one makes room again.
-    assert client.delete(f"/session/{ids.pop()}").status_code == 200
+        assert_error(r, 429, "too_many_sessions")
+        assert int(r.headers["Retry-After"]) >= 1
+        assert leftovers(settings, keep=ids) == []
+    finally:
+        for session in busy:
+            session.work_lock.release()
     assert upload(client, video).status_code == 200
 
 
