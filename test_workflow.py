@@ -2,15 +2,18 @@
 """Drive the whole workflow against a running server and say what each step returned.
 
   python test_workflow.py [--url http://localhost:8000] [--video path] [--out result.mp4]
+                          [--api-key KEY] [--keep]
 
-Upload, frame, annotate, propagate, overlay, refine, re-propagate, export. Without --video a
-small test video is made. Exits non-zero at the first step that fails.
+Upload, frame, annotate, propagate, overlay, refine, re-propagate, export, then delete the
+session (unless --keep). Without --video a small test video is made. Exits non-zero at the
+first step that fails. A server with access keys needs --api-key (or SAM2_API_KEY).
 (Not a pytest module: tests/test_e2e.py runs it against a real uvicorn process.)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -57,10 +60,12 @@ def wait_healthy(client: httpx.Client, timeout: float) -> dict:
     raise StepFailed(f"health: server not ready after {timeout:.0f}s ({last})")
 
 
-def run(url: str, video: Path, out: Path | None, timeout: float) -> Path:
+def run(url: str, video: Path, out: Path | None, timeout: float, api_key: str | None = None,
+        keep: bool = False) -> Path:
     import av
 
-    with httpx.Client(base_url=url, timeout=timeout) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
         print(f"[ok] health: {wait_healthy(client, timeout)}")
         with open(video, "rb") as f:
             r = step("upload-video", client.post(
@@ -104,6 +109,10 @@ def run(url: str, video: Path, out: Path | None, timeout: float) -> Path:
                   f"{stream.codec_context.pix_fmt}, {frames} frames, {stream.average_rate} fps)")
             if frames != n:
                 raise StepFailed(f"export has {frames} frames, the video {n}")
+        if keep:
+            print(f"[ok] session kept: {sid}")
+        else:
+            step("delete session", client.delete(f"/session/{sid}"))
         return target
 
 
@@ -115,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to save the export")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds to wait for the server and for each request")
+    parser.add_argument("--api-key", default=os.environ.get("SAM2_API_KEY"),
+                        help="access key for a server with keys (default: $SAM2_API_KEY)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the session on the server instead of deleting it at the end")
     args = parser.parse_args(argv)
     video = args.video
     if video is None:
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                            width=320, height=240)
         print(f"[..] made test video {video}")
     try:
-        run(args.url.rstrip("/"), video, args.out, args.timeout)
+        run(args.url.rstrip("/"), video, args.out, args.timeout, args.api_key, args.keep)
     except StepFailed as exc:
         print(f"[FAILED] {exc}", file=sys.stderr)
         return 1
