@@ -168,13 +168,13 @@ class Settings(BaseSettings):
 
     def access_keys(self) -> tuple[list[str], list[str]]:
         """(user keys, admin keys) from SAM2_API_KEYS, SAM2_API_KEYS_FILE and SAM2_ADMIN_KEYS."""
-        def split(secret: SecretStr | None) -> list[str]:
-            raw = secret.get_secret_value() if secret is not None else ""
+        def split(secret: SecretStr | str | None) -> list[str]:
+            raw = secret.get_secret_value() if isinstance(secret, SecretStr) else secret or ""
             return [k.strip() for k in raw.split(",") if k.strip()]
 
         users = split(self.api_keys)
         if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text().splitlines():
+            for line in Path(self.api_keys_file).read_text().splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     users.append(line)
