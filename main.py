@@ -34,6 +34,7 @@ import masks as mask_ops
 from auth import Caller, KeyRing, Unauthorized
 from config import Settings, get_settings
 from disk import is_disk_full
+from http_limits import BodyLimit
 from jobs import FINISHED, Job
 from layout import PARTIAL_SUFFIX
 from observability import Metrics, RequestContext
@@ -253,8 +254,6 @@ def create_app(settings: Settings | None = None, manager: SAM2Manager | None = N
                     "access keys configured, send `Authorization: Bearer <key>` (or "
                     "`X-API-Key`) on every request but `GET /health`.",
         lifespan=lifespan,
-        # Every body but a video upload: JSON prompts (a base64 mask included) and mask images.
-        max_body_size=settings.max_json_bytes,
     )
     app.state.settings = settings
     app.state.keyring = keyring
@@ -268,6 +267,10 @@ def create_app(settings: Settings | None = None, manager: SAM2Manager | None = N
                        allow_headers=["Authorization", "X-API-Key", "Content-Type",
                                       "X-Request-ID"],
                        expose_headers=["X-Request-ID", "Retry-After", "Content-Disposition"])
+    upload_limit = settings.max_upload_bytes + 1024 * 1024  # the file plus multipart framing
+    # Every body but a video upload: JSON prompts (a base64 mask included) and mask images.
+    app.add_middleware(BodyLimit, limit_for=lambda scope: upload_limit if scope["path"] ==
+                       "/upload-video" else settings.max_json_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     _install_error_handlers(app)
     app.include_router(_public_routes())
@@ -346,10 +349,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 413:
-            limit = request.scope.get("starlette.max_body_size")
-            return _error(request, 413, "request_too_large",
-                          f"the request body is larger than the {limit} bytes allowed "
-                          f"(SAM2_MAX_JSON_MB)" if limit is not None else "the request is too large")
+            return _error(request, 413, "request_too_large", f"{exc.detail} (SAM2_MAX_JSON_MB "
+                          f"for prompts and masks, SAM2_MAX_UPLOAD_MB for videos)")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(request, exc.status_code, code, str(exc.detail))
 
@@ -478,8 +479,7 @@ def _routes(settings: Settings) -> APIRouter:
                       "properties": {"file": {"type": "string", "format": "binary",
                                               "description": "The video (mp4, mov, webm, mkv, "
                                                              "avi...)"}}}}}}},
-              tags=["session"],
-              max_body_size=settings.max_upload_bytes + 1024 * 1024)  # + multipart framing
+              tags=["session"])
     async def upload_video(request: Request, manager: ManagerDep, caller: CallerDep):
         """Upload a video (multipart field `file`); answers once frame 0 can be served."""
         declared = request.headers.get("content-length", "")

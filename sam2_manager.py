@@ -337,6 +337,7 @@ class SAM2Manager:
             self.model_detail = None
             self.next_retry_at = None
             self._ready.set()
+            logger.info("model ready")
         except Exception as exc:  # surfaced by /health, retried; the server keeps serving files
             logger.error("model not loaded: %s", exc)
             self.predictor = None
@@ -736,10 +737,20 @@ class SAM2Manager:
 
     def _write_later(self, session: Session, frame_idx: int, labels_map: np.ndarray) -> None:
         """Write a clicked frame's mask and overlay off the request path; readers wait for it."""
+        def write() -> bool:
+            try:
+                return self._write_frame(session, frame_idx, labels_map, seq)
+            except BaseException:
+                # Not written (a full disk): the frame stays listed only if an earlier mask
+                # file is still there, intact; readers of this write get the error.
+                with session.meta_lock:
+                    if not session.mask_path(frame_idx).is_file():
+                        session.mask_frames.discard(frame_idx)
+                raise
+
         with session.meta_lock:
             seq = session.claim_write(frame_idx)
-            future = self._writer.submit(self._write_frame, session, frame_idx, labels_map, seq)
-            session.pending_writes[frame_idx] = future
+            session.pending_writes[frame_idx] = self._writer.submit(write)
 
     def _restore(self, session_id: str) -> Session | None:
         """Rebuild a session closed by a restart, idle expiry or eviction from its folder."""
@@ -1053,6 +1064,10 @@ class SAM2Manager:
                                       box=box if box is not None else old.box)
             else:
                 record = PromptRecord(points=points, labels=labels, box=box)
+            if mask is not None:  # the input is stored before the model takes it
+                session.prompt_mask_path(obj_id, frame_idx).parent.mkdir(exist_ok=True)
+                write_png(session.prompt_mask_path(obj_id, frame_idx),
+                          ((mask > 0) * 255).astype(np.uint8))
             is_new_obj = obj_id not in state["obj_id_to_idx"]
             try:
                 with self._model_ctx():
@@ -1065,11 +1080,6 @@ class SAM2Manager:
                     with self._model_ctx():
                         predictor.remove_object(state, obj_id, need_output=False)
                 raise
-            self._write_later(session, frame_idx, labels_map)
-            if mask is not None:
-                session.prompt_mask_path(obj_id, frame_idx).parent.mkdir(exist_ok=True)
-                write_png(session.prompt_mask_path(obj_id, frame_idx),
-                          ((mask > 0) * 255).astype(np.uint8))
             with session.meta_lock:
                 session.prompts.setdefault(obj_id, {})[frame_idx] = record
                 session.objects.setdefault(obj_id, {"obj_id": obj_id,
@@ -1082,6 +1092,8 @@ class SAM2Manager:
                     "frame_idx": frame_idx, "obj_id": obj_id, "points": points,
                     "labels": labels, "box": box, "mask": mask is not None, "at": time.time(),
                 })
+                # Listed and queued in one step: a reader sees the frame only with its write.
+                self._write_later(session, frame_idx, labels_map)
             self._save_manifest(session, wait=False)
         return self._frame_result(session, frame_idx, labels_map, frame_scores)
 
@@ -1239,9 +1251,10 @@ class SAM2Manager:
                                 pending.popleft().result()
                             written.append(frame_idx)
                             self.counters["frames_propagated"] += 1
+                            if len(written) % 8 == 0:
+                                self.check_disk(session.owner)  # a cached figure: cheap
                             if time.perf_counter() - last_save > 5:
                                 last_save = time.perf_counter()
-                                self.check_disk(session.owner)
                                 self._save_manifest(session, wait=False)
                             progress.update(frame_idx, len(written), total)
                     # The next pass rewrites the start frame: its earlier write must land first.
@@ -1454,7 +1467,7 @@ class SAM2Manager:
 
     def _export_progress(self, session: Session, progress: Progress, frame_idx: int, done: int,
                          total: int) -> None:
-        if done % 64 == 0:
+        if done % 8 == 0:
             self.check_disk(session.owner)
         progress.update(frame_idx, done, total)
 
