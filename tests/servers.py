@@ -33,9 +33,11 @@ class Server:
         self.log_path = log_path
         self.lines: list[str] = []
         self._cond = threading.Condition()
+        self._eof = False  # the process closed its output: every line is in
         self.proc: subprocess.Popen | None = None
 
     def start(self, ready_timeout: float = 300) -> Server:
+        self.lines, self._eof = [], False
         self.proc = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env=self.env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read, daemon=True).start()
@@ -51,6 +53,7 @@ class Server:
                     self.lines.append(line)
                     self._cond.notify_all()
         with self._cond:
+            self._eof = True
             self._cond.notify_all()
 
     def wait_for_log(self, text: str, timeout: float) -> str:
@@ -58,7 +61,7 @@ class Server:
             return next((ln for ln in self.lines if text in ln), None)
 
         with self._cond:
-            ok = self._cond.wait_for(lambda: found() or self.proc.poll() is not None, timeout)
+            ok = self._cond.wait_for(lambda: found() or self._eof, timeout)
             line = found()
         if not line:
             raise AssertionError(f"server never logged {text!r} (exit {self.proc.poll()}, ok="
