@@ -215,7 +215,21 @@ class ClearPromptsRequest(BaseModel):
 
 
 ERROR_CODES = (401, 404, 409, 413, 422, 429, 503, 507)
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 422, 503)}
+# Every route may answer these (the JSON error shape); declared once, on the router.
+ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in (
+    (400, "Malformed request (a body that is not UTF-8 JSON, a broken multipart body)"),
+    (401, "Missing or invalid access key (only when the server has keys)"),
+    (404, "Unknown session, frame, mask, object, job or export (or another key's)"),
+    (409, "The session is busy (see Retry-After), or has nothing to do yet, or a file it "
+          "needs is missing"),
+    (413, "The body passes SAM2_MAX_JSON_MB (SAM2_MAX_UPLOAD_MB for videos)"),
+    (415, "Not a video"),
+    (422, "Invalid input: the detail names the field"),
+    (429, "Every open session is busy (see Retry-After)"),
+    (503, "The model is not ready, ran out of memory, or a frame is still decoding (see "
+          "Retry-After)"),
+    (507, "The disk quota (SAM2_MAX_DISK_GB) or the disk is full"),
+)}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # Without keys the server is one person's tool: pages on their own machine may call it.
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
@@ -351,7 +365,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 413:
             return _error(request, 413, "request_too_large", f"{exc.detail} (SAM2_MAX_JSON_MB "
                           f"for prompts and masks, SAM2_MAX_UPLOAD_MB for videos)")
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {400: "malformed_request", 404: "not_found",
+                405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(request, exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(OSError)
@@ -460,8 +475,7 @@ def _public_routes() -> APIRouter:
 
 
 def _routes(settings: Settings) -> APIRouter:
-    api = APIRouter(dependencies=[Depends(get_caller)],
-                    responses={401: {"model": ErrorResponse}})
+    api = APIRouter(dependencies=[Depends(get_caller)], responses=ERRORS)
 
     @api.get("/metrics", tags=["server"], response_class=Response)
     async def metrics(request: Request):
@@ -470,9 +484,6 @@ def _routes(settings: Settings) -> APIRouter:
         return Response(body, media_type=content_type)
 
     @api.post("/upload-video", response_model=UploadResponse, status_code=200,
-              responses={413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
-                         422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
-                         503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "multipart/form-data": {"schema": {
                       "type": "object", "required": ["file"],
@@ -507,20 +518,20 @@ def _routes(settings: Settings) -> APIRouter:
                 "frame_url": f"/frame/{session.id}/0"}
 
     @api.get("/frame/{session_id}/{frame_idx}", response_class=FileResponse,
-             responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}}, tags=["frames"])
+             responses={200: {"content": {"image/jpeg": {}}}}, tags=["frames"])
     async def get_frame(session: SessionDep, frame_idx: int, manager: ManagerDep):
         """JPEG of the frame at the video's resolution (waits while it is being decoded)."""
         return FileResponse(await manager.frame_file(session, frame_idx), media_type="image/jpeg")
 
     @api.get("/overlay/{session_id}/{frame_idx}", response_class=FileResponse,
-             responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}}, tags=["frames"])
+             responses={200: {"content": {"image/jpeg": {}}}}, tags=["frames"])
     async def get_overlay(session: SessionDep, frame_idx: int, manager: ManagerDep):
         """JPEG of the frame with every object's mask in its colour (the plain frame if none)."""
         return FileResponse(await manager.overlay_file(session, frame_idx),
                             media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
     @api.get("/mask/{session_id}/{frame_idx}", response_class=FileResponse,
-             responses={**ERRORS, 200: {"content": {"image/png": {}}}}, tags=["frames"])
+             responses={200: {"content": {"image/png": {}}}}, tags=["frames"])
     async def get_mask(session: SessionDep, frame_idx: int, manager: ManagerDep):
         """8-bit PNG at video resolution: pixel = obj_id, 0 = background."""
         return FileResponse(await manager.mask_file(session, frame_idx), media_type="image/png",
@@ -535,21 +546,21 @@ def _routes(settings: Settings) -> APIRouter:
         return result | {"obj_id": body.obj_id} | _urls(session.id, body.frame_idx)
 
     @api.post("/annotate-frame/{session_id}", response_model=PromptResponse,
-              responses=ERRORS, tags=["prompts"])
+              tags=["prompts"])
     async def annotate_frame(request: Request, session: SessionDep, body: PromptRequest,
                              manager: ManagerDep):
         """Set an object's prompts on a frame (replacing its earlier ones there); returns the mask."""
         return await in_model_pool(request, _prompt, session, body, manager, append=False)
 
     @api.post("/refine-mask/{session_id}", response_model=PromptResponse,
-              responses=ERRORS, tags=["prompts"])
+              tags=["prompts"])
     async def refine_mask(request: Request, session: SessionDep, body: PromptRequest,
                           manager: ManagerDep):
         """Add points to an object's prompts on a frame, keeping the earlier ones."""
         return await in_model_pool(request, _prompt, session, body, manager, append=True)
 
     @api.post("/mask-prompt/{session_id}", response_model=PromptResponse,
-              responses={**ERRORS, 413: {"model": ErrorResponse}}, tags=["prompts"])
+              tags=["prompts"])
     async def mask_prompt(request: Request, session: SessionDep, manager: ManagerDep,
                           file: Annotated[UploadFile, File(description="PNG (or any image) mask "
                                                            "at video resolution; non-zero = "
@@ -566,7 +577,7 @@ def _routes(settings: Settings) -> APIRouter:
 
         return await in_model_pool(request, work)
 
-    @api.post("/clear-prompts/{session_id}", responses=ERRORS, tags=["prompts"])
+    @api.post("/clear-prompts/{session_id}", tags=["prompts"])
     async def clear_prompts(request: Request, session: SessionDep, body: ClearPromptsRequest,
                             manager: ManagerDep):
         """Remove one object's prompts on one frame (the object goes if it has no other)."""
@@ -574,19 +585,19 @@ def _routes(settings: Settings) -> APIRouter:
                                      body.frame_idx)
         return result | _urls(session.id, body.frame_idx)
 
-    @api.delete("/object/{session_id}/{obj_id}", responses=ERRORS, tags=["prompts"])
+    @api.delete("/object/{session_id}/{obj_id}", tags=["prompts"])
     async def remove_object(request: Request, session: SessionDep, obj_id: int,
                             manager: ManagerDep):
         """Remove an object: its prompts go and its pixels leave every mask."""
         return await in_model_pool(request, manager.remove_object, session.id, obj_id)
 
-    @api.post("/reset/{session_id}", responses=ERRORS, tags=["prompts"])
+    @api.post("/reset/{session_id}", tags=["prompts"])
     async def reset_session(request: Request, session: SessionDep, manager: ManagerDep):
         """Drop every prompt, object and mask; keep the video."""
         return await in_model_pool(request, manager.reset, session.id)
 
     @api.post("/propagate/{session_id}", response_model=PropagateResponse | JobResponse,
-              responses={**ERRORS, 202: {"model": JobResponse}, 507: {"model": ErrorResponse}},
+              responses={202: {"model": JobResponse}},
               tags=["tracking"])
     async def propagate(request: Request, session: SessionDep, body: PropagateRequest,
                         manager: ManagerDep):
@@ -605,8 +616,7 @@ def _routes(settings: Settings) -> APIRouter:
         return await in_model_pool(request, manager.propagate, session.id, **kwargs)
 
     @api.get("/export/{session_id}", response_class=FileResponse,
-             responses={**ERRORS, 507: {"model": ErrorResponse},
-                        200: {"content": {f.media_type: {} for f in exports.FORMATS.values()}}},
+             responses={200: {"content": {f.media_type: {} for f in exports.FORMATS.values()}}},
              tags=["export"])
     async def export(request: Request, session: SessionDep, manager: ManagerDep,
                      format: Annotated[ExportFormatName, Query(
@@ -622,14 +632,14 @@ def _routes(settings: Settings) -> APIRouter:
                             filename=f"{session.id}_{path.name}")
 
     @api.post("/export/{session_id}", status_code=202, response_model=JobResponse,
-              responses={**ERRORS, 507: {"model": ErrorResponse}}, tags=["export"])
+              tags=["export"])
     async def export_job(session: SessionDep, body: ExportRequest, manager: ManagerDep):
         """Start an export as a job; its result has the `download_url`."""
         job = await run_in_threadpool(manager.start_export_job, session.id, body.format,
                                       body.start_frame, body.end_frame, body.polygons)
         return JSONResponse(status_code=202, content=_job_response(job))
 
-    @api.get("/exports/{session_id}/{name}", response_class=FileResponse, responses=ERRORS,
+    @api.get("/exports/{session_id}/{name}", response_class=FileResponse,
              tags=["export"])
     def download_export(session: SessionDep, name: str, manager: ManagerDep):
         """Download a file an export job wrote."""
@@ -638,7 +648,7 @@ def _routes(settings: Settings) -> APIRouter:
                       if path.suffix == f".{f.extension}"), "application/octet-stream")
         return FileResponse(path, media_type=media, filename=f"{session.id}_{path.name}")
 
-    @api.get("/session/{session_id}", tags=["session"], responses=ERRORS)
+    @api.get("/session/{session_id}", tags=["session"])
     def get_session_info(session: SessionDep, manager: ManagerDep):
         """Metadata, objects, prompts in order, frames with masks, scores, propagations."""
         return manager.describe(session.id)
@@ -648,20 +658,20 @@ def _routes(settings: Settings) -> APIRouter:
         """The caller's sessions, open or on disk (reopened on their next use), newest first."""
         return manager.list_sessions(caller)
 
-    @api.delete("/session/{session_id}", tags=["session"], responses=ERRORS)
+    @api.delete("/session/{session_id}", tags=["session"])
     async def delete_session(request: Request, session: SessionDep, manager: ManagerDep):
         """Close the session and delete its upload and outputs."""
         await in_model_pool(request, manager.close_session, session.id, delete_files=True)
         return {"session_id": session.id, "deleted": True}
 
     # -- jobs ------------------------------------------------------------------------------
-    @api.get("/jobs/{job_id}", response_model=JobResponse, responses=ERRORS, tags=["jobs"])
+    @api.get("/jobs/{job_id}", response_model=JobResponse, tags=["jobs"])
     def get_job(job_id: str, manager: ManagerDep, caller: CallerDep):
         """Progress of a background job (frames done, total, fps, ETA) and its result; a job
         cut short by a server stop reads `interrupted`."""
         return _job_response(manager.find_job(job_id, caller))
 
-    @api.post("/jobs/{job_id}/cancel", response_model=JobResponse, responses=ERRORS,
+    @api.post("/jobs/{job_id}/cancel", response_model=JobResponse,
               tags=["jobs"])
     def cancel_job(job_id: str, manager: ManagerDep, caller: CallerDep):
         """Ask a job to stop; masks written so far stay, and the manifest lists exactly them."""
@@ -669,7 +679,7 @@ def _routes(settings: Settings) -> APIRouter:
         job.cancel_event.set()
         return _job_response(job)
 
-    @api.get("/jobs/{job_id}/events", tags=["jobs"], responses=ERRORS,
+    @api.get("/jobs/{job_id}/events", tags=["jobs"],
              response_class=StreamingResponse)
     async def job_events(job_id: str, manager: ManagerDep, caller: CallerDep):
         """Server-sent events: one `progress` event per change, then `end` with the final state."""

@@ -107,10 +107,8 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int,
             raise UploadError(507, "insufficient_storage",
                               "the server's disk is full: the upload could not be stored") \
                 from exc
-        # The parser's message only: an internal exception's text is no client's business.
-        reason = str(exc) if type(exc).__module__.startswith("python_multipart") else "invalid"
-        raise UploadError(400, "malformed_upload", f"the multipart body is malformed ({reason})") \
-            from exc
+        raise UploadError(400, "malformed_upload", "the multipart body is malformed: send the "
+                          "video as the 'file' field of a multipart/form-data form") from exc
     if state["path"] is None:
         raise UploadError(422, "missing_file", f"no '{field}' field in the form")
     if not state["done"]:
