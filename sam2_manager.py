@@ -205,10 +205,15 @@ class Session(SessionFiles):
         with self.meta_lock:
             future = self.pending_writes.get(frame_idx)
         if future is not None:
-            future.result()
-            with self.meta_lock:
-                if self.pending_writes.get(frame_idx) is future:
-                    del self.pending_writes[frame_idx]
+            try:
+                future.result()  # a failed write is reported once; then the earlier file serves
+            finally:
+                self.forget_write(frame_idx, future)
+
+    def forget_write(self, frame_idx: int, future: Future) -> None:
+        with self.meta_lock:
+            if self.pending_writes.get(frame_idx) is future:
+                del self.pending_writes[frame_idx]
 
     def claim_write(self, frame_idx: int) -> int:
         """The number of a new write of the frame's files; earlier ones not yet done are skipped."""
@@ -894,8 +899,10 @@ class SAM2Manager:
         with session.meta_lock:
             future = session.pending_writes.get(frame_idx)
         if future is not None:
-            await asyncio.wrap_future(future)
-            session.wait_for_write(frame_idx)  # done: only drops it from pending_writes
+            try:
+                await asyncio.wrap_future(future)
+            finally:
+                session.forget_write(frame_idx, future)
 
     def _listed_mask(self, session: Session, frame_idx: int) -> Path | None:
         """The frame's mask file if it has one; a listed mask whose file is gone is unlisted
@@ -1251,8 +1258,7 @@ class SAM2Manager:
                                 pending.popleft().result()
                             written.append(frame_idx)
                             self.counters["frames_propagated"] += 1
-                            if len(written) % 8 == 0:
-                                self.check_disk(session.owner)  # a cached figure: cheap
+                            self.check_disk(session.owner)  # a cached figure: cheap
                             if time.perf_counter() - last_save > 5:
                                 last_save = time.perf_counter()
                                 self._save_manifest(session, wait=False)
@@ -1467,8 +1473,7 @@ class SAM2Manager:
 
     def _export_progress(self, session: Session, progress: Progress, frame_idx: int, done: int,
                          total: int) -> None:
-        if done % 8 == 0:
-            self.check_disk(session.owner)
+        self.check_disk(session.owner)  # a cached figure: cheap
         progress.update(frame_idx, done, total)
 
     def export_file(self, session_id: str, name: str) -> Path:
