@@ -76,6 +76,12 @@ def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction:
     return Fraction(30)
 
 
+def _decoder_limits(max_pixels: int | None) -> dict[str, str] | None:
+    """FFmpeg's own cap on a decoded picture: opening a file decodes a few frames to learn its
+    parameters, and a stream announcing a huge picture must not get that far."""
+    return None if max_pixels is None else {"max_pixels": str(max_pixels)}
+
+
 def check_size(width: int, height: int, max_pixels: int | None, min_side: int) -> None:
     """Refuse a frame size outside the limits (from a header, before anything is decoded)."""
     if width <= 0 or height <= 0:
@@ -97,7 +103,7 @@ def probe(path: Path, max_frames: int | None = None, max_pixels: int | None = No
     file announcing a huge picture costs nothing.
     """
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), options=_decoder_limits(max_pixels)) as container:
             if not container.streams.video:
                 raise VideoUnreadable("the file has no video stream")
             stream = container.streams.video[0]
@@ -146,9 +152,11 @@ def iter_rgb_frames(path: Path, rotation: int, max_pixels: int | None = None
                     ) -> Iterable[np.ndarray]:
     """Decode every frame as an RGB array, rotated for display. Stops quietly at a corrupt tail,
     or at a frame larger than ``max_pixels`` (a stream that grows past its header)."""
-    with av.open(str(path)) as container:
+    with av.open(str(path), options=_decoder_limits(max_pixels)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        if max_pixels is not None:
+            stream.codec_context.options = _decoder_limits(max_pixels)
         try:
             for frame in container.decode(stream):
                 if max_pixels is not None and frame.width * frame.height > max_pixels:
