@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 .PHONY: setup run test lint bench
 setup:            ## create $(VENV) with torch, sam2 and every dependency
 	VENV=$(VENV) bash scripts/setup.sh
-run:              ## serve on SAM2_HOST:SAM2_PORT (default 0.0.0.0:8000)
+run:              ## serve on SAM2_HOST:SAM2_PORT (default 127.0.0.1:8000; 0.0.0.0 with access keys)
 	$(PY) main.py
 test:             ## the whole test suite (CPU, random-weight checkpoint)
 	$(PY) -m pytest

@@ -37,8 +37,12 @@ def _remove_temporaries(folder: Path) -> int:
     return removed
 
 
-def sweep(upload_dir: Path, output_dir: Path, checkpoint_dir: Path | None = None) -> dict:
-    """Start-up clean-up of everything a killed process can leave behind; returns counts."""
+def sweep(upload_dir: Path, output_dir: Path, partial_downloads: Path | None = None) -> dict:
+    """Start-up clean-up of everything a killed process can leave behind; returns counts.
+
+    ``partial_downloads`` is a glob pattern (a path whose last part has wildcards) of
+    checkpoint downloads left unfinished.
+    """
     counts = {"partial_uploads": 0, "orphan_sessions": 0, "temporary_files": 0,
               "reconciled_sessions": 0}
     if upload_dir.is_dir():
@@ -70,8 +74,9 @@ def sweep(upload_dir: Path, output_dir: Path, checkpoint_dir: Path | None = None
                     counts["reconciled_sessions"] += 1
                 except (OSError, ValueError, KeyError, TypeError):
                     logger.exception("session %s could not be reconciled", folder.name)
-    if checkpoint_dir is not None and checkpoint_dir.is_dir():
-        for part in checkpoint_dir.glob("*.part"):  # an interrupted checkpoint download
+    if partial_downloads is not None and partial_downloads.parent.is_dir():
+        # An interrupted checkpoint download (a glob pattern of ours, in our download folder).
+        for part in partial_downloads.parent.glob(partial_downloads.name):
             part.unlink(missing_ok=True)
             counts["temporary_files"] += 1
     return counts

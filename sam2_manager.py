@@ -288,7 +288,7 @@ class SAM2Manager:
         """Clean up after a process that died (call before serving): see ``recovery.sweep``."""
         t0 = time.perf_counter()
         counts = recovery.sweep(self.settings.upload_dir, self.settings.output_dir,
-                                self.settings.checkpoint_path.parent)
+                                self.settings.checkpoint_dir / f"{self.settings.checkpoint_filename}.*.part")
         if any(counts.values()):
             logger.info("recovered the folders in %.2fs: %s", time.perf_counter() - t0, counts)
         return counts
@@ -493,8 +493,12 @@ class SAM2Manager:
                 break
             if self._take_idle(session):
                 taken.append(session)
-        if len(taken) < need:  # one turned busy meanwhile
-            self._close_taken(taken)
+        if len(taken) < need:  # one turned busy meanwhile: give the others back untouched
+            for session in taken:
+                session.closed = False
+                self.sessions[session.id] = session
+                self._transit.pop(session.id, None)
+                session.work_lock.release()
             raise TooManySessions("every open session is busy; try again shortly", retry_after=2)
         self.counters["sessions_evicted"] += len(taken)
         return taken
@@ -676,7 +680,7 @@ class SAM2Manager:
                                   f"see the server log")
         return session
 
-    def _working_enter(self, session: Session, what: str) -> None:
+    def _working_enter(self, session: Session) -> None:
         with session.meta_lock:
             self._check_queue(session)
             session.waiting += 1
@@ -706,7 +710,7 @@ class SAM2Manager:
         on the next call, and becomes ModelOutOfMemory; a full disk becomes DiskFull.
         """
         for _ in range(3):
-            self._working_enter(session, what)
+            self._working_enter(session)
             if not session.closed:
                 break
             session.work_lock.release()
