@@ -25,6 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -231,6 +233,7 @@ ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in 
     (507, "The disk quota (SAM2_MAX_DISK_GB) or the disk is full"),
 )}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WEB_DIR = Path(__file__).resolve().parent / "web"
 # Without keys the server is one person's tool: pages on their own machine may call it.
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
@@ -261,7 +264,8 @@ def create_app(settings: Settings | None = None, manager: SAM2Manager | None = N
             await run_in_threadpool(mgr.shutdown)
             app.state.model_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(
+    # /docs with Swagger UI served from the package, not a CDN: it works offline.
+    app = FastAPIOffline(
         title="SAM 2 interactive video segmentation",
         version="1.0.0",
         description="Upload a video, click points on any frame, propagate, refine, export. With "
@@ -289,6 +293,9 @@ def create_app(settings: Settings | None = None, manager: SAM2Manager | None = N
     _install_error_handlers(app)
     app.include_router(_public_routes())
     app.include_router(_routes(settings))
+    # The web page: plain files, no build step; it uses only the public API (and asks for a
+    # key when the server has keys).
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     return app
 
 
@@ -461,10 +468,15 @@ def _job_response(job: Job) -> dict:
 def _public_routes() -> APIRouter:
     router = APIRouter()
 
+    @router.get("/", include_in_schema=False)
+    async def index():
+        """The web page."""
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
     @router.get("/health", responses={503: {"model": dict}}, tags=["server"])
-    async def health(manager: ManagerDep):
+    async def health(request: Request, manager: ManagerDep):
         """Model, device and load state; 503 until the model can serve requests. Needs no key."""
-        info = manager.health()
+        info = manager.health() | {"auth": request.app.state.keyring.enabled}
         info["detail"] = info["detail"] and _path_scrubber(manager.settings)(info["detail"])
         info["checkpoint"] = Path(info["checkpoint"]).name
         headers = None if manager.ready else _retry_header(manager._retry_in() or 5)
@@ -476,6 +488,12 @@ def _public_routes() -> APIRouter:
 
 def _routes(settings: Settings) -> APIRouter:
     api = APIRouter(dependencies=[Depends(get_caller)], responses=ERRORS)
+
+    @api.get("/export-formats", tags=["export"])
+    async def export_formats() -> list[dict]:
+        """Every export format: name, file extension, media type, description."""
+        return [{"name": f.name, "extension": f.extension, "media_type": f.media_type,
+                 "description": f.description} for f in exports.FORMATS.values()]
 
     @api.get("/metrics", tags=["server"], response_class=Response)
     async def metrics(request: Request):
