@@ -1,7 +1,9 @@
-"""Export formats: overlay/mask videos, alpha cut-outs, PNG mask ZIPs and COCO RLE JSON."""
+"""Export formats: overlay/mask videos, alpha cut-outs, PNG mask ZIPs (grey and DAVIS palette)
+and COCO JSON with compressed RLE."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -13,9 +15,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
+from pycocotools import mask as coco_mask
 
 import masks as mask_ops
-from video_io import encode_mp4, encode_video
+from video_io import atomic_write_bytes, encode_mp4, encode_video
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,14 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
     ExportFormat("cutout_mov", "mov", "video/quicktime",
                  "The objects cut out, background transparent (ProRes 4444 with alpha)"),
     ExportFormat("masks_zip", "zip", "application/zip",
-                 "One 8-bit PNG per frame with a mask: pixel = obj_id, 0 = background"),
+                 "One 8-bit grey PNG per frame with a mask: pixel = obj_id, 0 = background "
+                 "(what OpenCV reads)"),
+    ExportFormat("masks_palette_zip", "zip", "application/zip",
+                 "One indexed PNG per frame with the DAVIS palette (DAVIS / YouTube-VOS "
+                 "convention): index = obj_id, visible in any viewer, ids read by PIL"),
     ExportFormat("coco_json", "json", "application/json",
-                 "COCO annotations: one image per frame, RLE mask per object (pycocotools)"),
+                 "COCO annotations: one image per frame, compressed RLE per object "
+                 "(pycocotools)"),
 )}
 
 
@@ -102,10 +111,12 @@ def write_export(fmt: str, out: Path, src: ExportSource, polygons: bool = False)
             encode_video(out, src.each(rgba), *size, codec="prores_ks",
                          pix_fmt="yuva444p10le", options={"profile": "4444"}, even_size=False)
     elif fmt == "masks_zip":
-        _write_zip(out, src)
+        _write_zip(out, src, palette=False)
+    elif fmt == "masks_palette_zip":
+        _write_zip(out, src, palette=True)
     elif fmt == "coco_json":
         data = coco(src, polygons)
-        _atomic_text(out, json.dumps(data, separators=(",", ":")))
+        atomic_write_bytes(out, json.dumps(data, separators=(",", ":")).encode())
     else:
         raise ValueError(f"unknown export format {fmt!r}")
     return out
@@ -115,22 +126,48 @@ def _tmp(out: Path) -> Path:
     return out.with_name(f".{out.name}.{threading.get_ident()}.tmp")
 
 
-def _atomic_text(out: Path, text: str) -> None:
-    tmp = _tmp(out)
-    tmp.write_text(text)
-    os.replace(tmp, out)
+def davis_palette() -> list[int]:
+    """The palette of DAVIS and YouTube-VOS annotations (Pascal VOC's): index i's colour is
+    made from the bits of i, spread over the high bits of red, green and blue."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for bit in range(7, -1, -1):
+            r |= (c & 1) << bit
+            g |= ((c >> 1) & 1) << bit
+            b |= ((c >> 2) & 1) << bit
+            c >>= 3
+        palette += [r, g, b]
+    return palette
 
 
-def _write_zip(out: Path, src: ExportSource) -> None:
+DAVIS_PALETTE = davis_palette()
+
+
+def _palette_png(labels: np.ndarray) -> bytes:
+    img = Image.fromarray(labels, mode="P")
+    img.putpalette(DAVIS_PALETTE)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _write_zip(out: Path, src: ExportSource, palette: bool) -> None:
+    """Grey label maps of the frames with masks, or (``palette``) indexed PNGs of every frame
+    in the range, empty ones included, as DAVIS numbers its annotations."""
     tmp = _tmp(out)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             # PNGs are already compressed.
             def add(frame_idx: int) -> None:
-                if frame_idx not in src.mask_frames:
+                if palette:
+                    data = _palette_png(src.labels_or_empty(frame_idx))
+                elif frame_idx in src.mask_frames:
+                    data = cv2.imencode(".png", src.label_map(frame_idx))[1].tobytes()
+                else:
                     return
-                ok, buf = cv2.imencode(".png", src.label_map(frame_idx))
-                zf.writestr(f"masks/{frame_idx:05d}.png", buf.tobytes())
+                zf.writestr(f"masks/{frame_idx:05d}.png", data)
 
             for _ in src.each(add):
                 pass
@@ -142,25 +179,9 @@ def _write_zip(out: Path, src: ExportSource) -> None:
 
 
 def rle_encode(binary: np.ndarray) -> dict:
-    """Uncompressed COCO RLE (column-major run lengths, starting with background)."""
-    flat = np.asarray(binary, dtype=np.uint8).ravel(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0] == 1:
-        counts = [0] + counts
-    return {"size": [int(binary.shape[0]), int(binary.shape[1])], "counts": counts}
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    h, w = rle["size"]
-    flat = np.zeros(h * w, np.uint8)
-    pos, value = 0, 0
-    for run in rle["counts"]:
-        flat[pos:pos + run] = value
-        pos += run
-        value ^= 1
-    return flat.reshape((w, h)).T
+    """COCO compressed RLE of a binary mask, as pycocotools writes it (``counts`` a string)."""
+    rle = coco_mask.encode(np.asfortranarray(binary, dtype=np.uint8))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def coco(src: ExportSource, polygons: bool = False) -> dict:

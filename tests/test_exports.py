@@ -12,7 +12,7 @@ import pytest
 from conftest import label_png
 from pycocotools import mask as coco_mask
 
-from exports import rle_decode, rle_encode
+from exports import DAVIS_PALETTE, rle_encode
 
 N = 6
 
@@ -58,11 +58,10 @@ def test_coco_json_decodes_to_the_png_masks(client, tracked):
     assert {c["id"] for c in data["categories"]} == {1, 2}
     rebuilt = {i: np.zeros_like(masks[i]) for i in range(1, N + 1)}
     for ann in data["annotations"]:
-        h, w = ann["segmentation"]["size"]
-        binary = coco_mask.decode(coco_mask.frPyObjects(ann["segmentation"], h, w))
-        assert ann["area"] == int(binary.sum())
-        assert float(coco_mask.area(coco_mask.frPyObjects(ann["segmentation"], h, w))) \
-            == ann["area"]
+        rle = ann["segmentation"]
+        assert isinstance(rle["counts"], str)  # compressed RLE, as pycocotools writes it
+        binary = coco_mask.decode(rle)
+        assert ann["area"] == int(binary.sum()) == int(coco_mask.area(rle))
         rebuilt[ann["frame_idx"]][binary.astype(bool)] = ann["obj_id"]
         assert "object_score" in ann and "polygons" in ann
     for i in range(1, N + 1):
@@ -149,10 +148,26 @@ def test_export_errors(client, session_id, tracked):
 
 def test_rle_round_trip():
     rng = np.random.default_rng(0)
-    for shape in [(5, 7), (1, 1), (4, 4)]:
+    for shape in [(5, 7), (1, 1), (4, 4), (720, 1280)]:
         for density in (0.0, 0.5, 1.0):
             binary = rng.random(shape) < density
             rle = rle_encode(binary)
-            assert np.array_equal(rle_decode(rle).astype(bool), binary)
-            decoded = coco_mask.decode(coco_mask.frPyObjects(rle, *shape))
-            assert np.array_equal(decoded.astype(bool), binary)
+            assert rle["size"] == list(shape) and isinstance(rle["counts"], str)
+            assert np.array_equal(coco_mask.decode(json.loads(json.dumps(rle))).astype(bool),
+                                  binary)
+
+
+def test_palette_zip_keeps_pixel_equal_obj_id(client, tracked):
+    from PIL import Image
+
+    sid, masks = tracked
+    r = _export(client, sid, "masks_palette_zip", start_frame=0, end_frame=7)
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        assert sorted(n for n in zf.namelist() if n.endswith(".png")) == \
+            [f"masks/{i:05d}.png" for i in range(8)]
+        for i in range(8):
+            img = Image.open(io.BytesIO(zf.read(f"masks/{i:05d}.png")))
+            assert img.mode == "P"
+            assert img.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]  # DAVIS colours
+            assert np.array_equal(np.array(img), masks[i]), i  # PIL reads the ids back
+    assert DAVIS_PALETTE[3 * 3:3 * 4] == [128, 128, 0]
