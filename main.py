@@ -505,26 +505,31 @@ def _routes(settings: Settings) -> APIRouter:
               openapi_extra={"requestBody": {"required": True, "content": {
                   "multipart/form-data": {"schema": {
                       "type": "object", "required": ["file"],
-                      "properties": {"file": {"type": "string", "format": "binary",
-                                              "description": "The video (mp4, mov, webm, mkv, "
-                                                             "avi...)"}}}}}}},
+                      "properties": {
+                          "file": {"type": "string", "format": "binary",
+                                   "description": "The video (mp4, mov, webm, mkv, avi...), "
+                                                  "or a ZIP of JPEG/PNG frames sorted by name"},
+                          "fps": {"type": "string", "examples": ["25", "30000/1001"],
+                                  "description": "Frame rate of a ZIP of frames (default "
+                                                 "30); not for videos"}}}}}}},
               tags=["session"])
     async def upload_video(request: Request, manager: ManagerDep, caller: CallerDep):
-        """Upload a video (multipart field `file`); answers once frame 0 can be served."""
+        """Upload a video, or a ZIP of frames with `fps` (multipart field `file`); answers once
+        frame 0 can be served."""
         declared = request.headers.get("content-length", "")
         incoming = int(declared) if declared.isdigit() else 0
         await run_in_threadpool(manager.check_accepting, caller.owner, incoming)
         session_id = manager.new_session_id()
         await run_in_threadpool(manager.reserve, session_id)
         try:
-            path, filename = await receive_file(
+            path, filename, fields = await receive_file(
                 request, "file",
                 lambda name: manager.partial_path(manager.upload_path_for(session_id, name)),
                 settings.max_upload_bytes, disk_room=manager.disk.room())
             final = path.with_name(path.name.removesuffix(PARTIAL_SUFFIX))
             os.replace(path, final)
             session = await run_in_threadpool(manager.create_session, session_id, final,
-                                              filename, caller.owner)
+                                              filename, caller.owner, fields.get("fps"))
         except BaseException:
             manager.release(session_id)
             shutil.rmtree(settings.upload_dir / session_id, ignore_errors=True)

@@ -33,7 +33,10 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="SAM 2 video segmentation from the command line (same engine as the server).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--video", required=True, type=Path, help="video file to read")
+    p.add_argument("--video", required=True, type=Path,
+                   help="video file to read, or a ZIP of JPEG/PNG frames sorted by name")
+    p.add_argument("--fps", default=None,
+                   help="frame rate of a ZIP of frames, e.g. 25 or 30000/1001 (default 30)")
     p.add_argument("--frame", type=int, default=None,
                    help="frame to prompt on; without it the CLI only prints the video's info")
     p.add_argument("--points", type=_json_list, default=[],
@@ -104,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from jobs import Progress
     from sam2_manager import ManagerError, SAM2Manager
-    from video_io import VideoUnreadable, probe
+    from video_io import VideoUnreadable, probe_upload
 
     if not args.video.is_file():
         parser.error(f"no such file: {args.video}")
     try:
-        info = probe(args.video)
+        info = probe_upload(args.video, args.fps)
     except VideoUnreadable as exc:
         print(f"error: {args.video}: {exc}", file=sys.stderr)
         return 2
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         sid = manager.new_session_id()
         upload = manager.upload_path_for(sid, args.video.name)
         shutil.copyfile(args.video, upload)
-        session = manager.create_session(sid, upload, args.video.name)
+        session = manager.create_session(sid, upload, args.video.name, fps=args.fps)
         _print(args, "session", {"session_id": sid, "folder": str(session.dir)})
         if args.points or args.box:
             result = manager.add_prompt(sid, args.frame, args.obj_id, points=args.points,

@@ -41,7 +41,7 @@ from video_io import (
     VideoInfo,
     VideoUnreadable,
     atomic_write_bytes,
-    probe,
+    probe_upload,
     read_rgb,
     write_jpeg,
     write_png,
@@ -533,8 +533,9 @@ class SAM2Manager:
             _free_device_memory()
 
     def create_session(self, session_id: str, video_path: Path, filename: str,
-                       owner: str | None = None) -> Session:
-        """Probe the stored upload, start writing its frames, return once frame 0 is on disk."""
+                       owner: str | None = None, fps: str | None = None) -> Session:
+        """Probe the stored upload (a video, or a ZIP of frames played at ``fps``), start
+        writing its frames, return once frame 0 is on disk."""
         s = self.settings
         with self._sessions_lock:
             reserved = session_id in self._reserved
@@ -543,8 +544,8 @@ class SAM2Manager:
         session_dir = s.output_dir / session_id
         try:
             try:
-                info = probe(video_path, max_frames=s.max_frames, max_pixels=s.max_video_pixels,
-                             min_side=s.min_video_side)
+                info = probe_upload(video_path, fps, max_frames=s.max_frames,
+                                    max_pixels=s.max_video_pixels, min_side=s.min_video_side)
             except StillImage as exc:
                 raise NotAVideo(f"{exc}; upload a video file (mp4, mov, webm, mkv, avi...)") \
                     from exc
@@ -571,8 +572,8 @@ class SAM2Manager:
             shutil.rmtree(session_dir, ignore_errors=True)
             shutil.rmtree(video_path.parent, ignore_errors=True)
             if isinstance(exc, VideoUnreadable):
-                raise VideoInvalid(f"{exc}; upload a video file FFmpeg can decode "
-                                   f"(mp4, mov, webm, mkv, avi...)") from exc
+                raise VideoInvalid(f"{exc}; upload a video file FFmpeg can decode (mp4, mov, "
+                                   f"webm, mkv, avi...) or a ZIP of JPEG/PNG frames") from exc
             if is_disk_full(exc):
                 raise DiskFull("the disk is full: the upload could not be stored") from exc
             raise

@@ -18,9 +18,13 @@ class UploadError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+MAX_FIELDS, MAX_FIELD_BYTES = 16, 1024  # the small text fields beside the file
+
+
 async def receive_file(request: Request, field: str, dest_for, max_bytes: int,
-                       disk_room: int | None = None) -> tuple[Path, str]:
-    """Write the multipart part named ``field`` to ``dest_for(filename)``; return (path, filename).
+                       disk_room: int | None = None) -> tuple[Path, str, dict[str, str]]:
+    """Write the multipart part named ``field`` to ``dest_for(filename)``; return (path,
+    filename, the other fields: small text values such as ``fps``).
 
     The body is parsed while it streams in, so an oversized upload is refused after
     ``max_bytes`` have arrived instead of after all of it has been buffered; past ``disk_room``
@@ -41,7 +45,7 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int,
     # "out": the open file while our part streams in; "done" once it has ended.
     state: dict = {"headers": {}, "field": b"", "value": b"", "out": None, "path": None,
                    "filename": None, "size": 0, "too_big": False, "no_room": False,
-                   "done": False}
+                   "done": False, "text": None, "fields": {}}
 
     def on_part_begin():
         state["headers"] = {}
@@ -59,6 +63,9 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int,
     def on_headers_finished():
         _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
         name = disp.get(b"name", b"").decode("utf-8", "replace")
+        state["text"] = None
+        if b"filename" not in disp and name != field and len(state["fields"]) < MAX_FIELDS:
+            state["text"] = (name, bytearray())  # a small text field; longer ones are cut
         if name == field and state["path"] is None:
             filename = disp.get(b"filename", b"video").decode("utf-8", "replace")
             state["filename"] = filename
@@ -66,6 +73,9 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int,
             state["out"] = open(state["path"], "wb")  # noqa: SIM115 (closed in on_part_end)
 
     def on_part_data(data, start, end):
+        if state["text"] is not None:
+            value = state["text"][1]
+            value += data[start:min(end, start + MAX_FIELD_BYTES + 1 - len(value))]
         if state["out"] is not None:
             state["size"] += end - start
             if state["size"] > max_bytes:
@@ -77,6 +87,11 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int,
             state["out"].write(data[start:end])
 
     def on_part_end():
+        if state["text"] is not None:
+            name, value = state["text"]
+            if len(value) <= MAX_FIELD_BYTES:
+                state["fields"][name] = value.decode("utf-8", "replace")
+            state["text"] = None
         if state["out"] is not None:
             state["out"].close()
             state["out"] = None
@@ -117,7 +132,7 @@ async def receive_file(request: Request, field: str, dest_for, max_bytes: int,
     if state["size"] == 0:
         _discard(state)
         raise UploadError(422, "empty_file", "the uploaded file is empty")
-    return state["path"], state["filename"]
+    return state["path"], state["filename"], state["fields"]
 
 
 def _no_room(room: int | None) -> str:

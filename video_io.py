@@ -15,6 +15,7 @@ import av
 import cv2
 import numpy as np
 
+import image_sequence
 from notify import Notifier
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,23 @@ def probe(path: Path, max_frames: int | None = None, max_pixels: int | None = No
         raise VideoUnreadable(f"not a readable video ({reason})") from exc
 
 
+def probe_upload(path: Path, fps: str | None = None, max_frames: int | None = None,
+                 max_pixels: int | None = None, min_side: int = 1) -> VideoInfo:
+    """Probe an upload: a video file, or a ZIP of image frames played at ``fps``."""
+    if not image_sequence.is_zip(path):
+        if fps:
+            raise VideoUnreadable("fps is only for a ZIP of frames: a video has its own")
+        return probe(path, max_frames, max_pixels, min_side)
+    try:
+        names, width, height = image_sequence.probe(path, max_frames)
+        rate = image_sequence.parse_fps(fps)
+    except image_sequence.SequenceUnreadable as exc:
+        raise VideoUnreadable(str(exc)) from exc
+    check_size(width, height, max_pixels, min_side)
+    return VideoInfo(num_frames=len(names), width=width, height=height, fps=rate,
+                     codec=image_sequence.CODEC, container=image_sequence.CONTAINER, rotation=0)
+
+
 def iter_rgb_frames(path: Path, rotation: int, max_pixels: int | None = None
                     ) -> Iterable[np.ndarray]:
     """Decode every frame as an RGB array, rotated for display. Stops quietly at a corrupt tail,
@@ -275,7 +293,11 @@ class FrameExtractor:
         last: np.ndarray | None = None
         i = 0
         try:
-            for rgb in iter_rgb_frames(self.video_path, self.info.rotation, self.max_pixels):
+            if self.info.container == image_sequence.CONTAINER:
+                frames = image_sequence.iter_rgb_frames(self.video_path, self.max_pixels)
+            else:
+                frames = iter_rgb_frames(self.video_path, self.info.rotation, self.max_pixels)
+            for rgb in frames:
                 if i >= n or self._stop.is_set():
                     break
                 if rgb.shape[:2] != (self.info.height, self.info.width):
