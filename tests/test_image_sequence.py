@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import io
 import shutil
-from fractions import Fraction
 import zipfile
+from fractions import Fraction
 
 import av
 import cv2
