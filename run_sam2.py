@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                                         labels=labels, box=args.box)
             _print(args, "mask", {"frame_idx": args.frame, "mask_area": result["mask_area"],
                                   "scores": result["scores"],
-                                  "mask": str(session.mask_path(args.frame)),
-                                  "overlay": str(session.overlay_path(args.frame))})
+                                  "mask": str(manager.mask_path(session, args.frame)),
+                                  "overlay": str(manager.overlay_path(session, args.frame))})
         if args.propagate_end is not None or args.propagate or args.direction:
             start = args.propagate_start if args.propagate_start is not None else args.frame
             bar = _BarReporter("propagate")

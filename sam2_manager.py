@@ -746,7 +746,7 @@ class SAM2Manager:
             session.work_lock.release()
 
     def _write_later(self, session: Session, frame_idx: int, labels_map: np.ndarray) -> None:
-        """Write a clicked frame's mask and overlay off the request path; readers wait for it."""
+        """Write a clicked frame's mask off the request path; readers wait for it."""
         def write() -> bool:
             try:
                 return self._write_frame(session, frame_idx, labels_map, seq)
@@ -935,8 +935,8 @@ class SAM2Manager:
         return path
 
     async def overlay_file(self, session: Session, frame_idx: int) -> Path:
-        """The frame with its masks drawn; the plain frame if it has none. A missing or
-        unreadable overlay is rebuilt from the mask and the frame."""
+        """The frame with its masks drawn; the plain frame if it has none. Overlays are made
+        on their first read and kept until the mask changes."""
         self.check_frame(session, frame_idx)
         await self._await_write(session, frame_idx)
         if self._listed_mask(session, frame_idx) is None:
@@ -945,30 +945,38 @@ class SAM2Manager:
         if not path.is_file():
             await self.frame_file(session, frame_idx)
             await asyncio.get_running_loop().run_in_executor(
-                self._writer, self._rebuild_overlay, session, frame_idx)
+                self._writer, self._cached_overlay, session, frame_idx)
         return path
 
-    def _rebuild_overlay(self, session: Session, frame_idx: int) -> np.ndarray:
-        """Write the frame's overlay again from its mask and frame; returns it (RGB)."""
-        labels_map = self.read_label_map(session, frame_idx)
-        rgb = mask_ops.overlay(read_rgb(self.frame_path(session, frame_idx)), labels_map)
-        write_jpeg(session.overlay_path(frame_idx), rgb, self.settings.jpeg_quality)
-        return rgb
+    def _overlay_of(self, session: Session, frame_idx: int) -> np.ndarray:
+        return mask_ops.overlay(self.frame_rgb(session, frame_idx),
+                                self.read_label_map(session, frame_idx))
+
+    def _cached_overlay(self, session: Session, frame_idx: int) -> None:
+        """Write the frame's overlay file if it is missing. Under the frame's write lock: a
+        mask written meanwhile removes the overlay after this, never before."""
+        with session.write_locks[frame_idx % len(session.write_locks)]:
+            path = session.overlay_path(frame_idx)
+            if not path.is_file():
+                write_jpeg(path, self._overlay_of(session, frame_idx), self.settings.jpeg_quality)
 
     def overlay_rgb(self, session: Session, frame_idx: int) -> np.ndarray:
-        """The overlay as RGB for exports, rebuilt when its file is missing or unreadable."""
-        try:
-            return read_rgb(session.overlay_path(frame_idx))
-        except OSError:
-            return self._rebuild_overlay(session, frame_idx)
+        """The overlay as RGB for exports, through its JPEG file (made now if missing, or
+        remade if damaged), so an export is the same whenever the overlay was made."""
+        for _ in range(2):
+            self._cached_overlay(session, frame_idx)
+            try:
+                return read_rgb(session.overlay_path(frame_idx))
+            except OSError:
+                session.overlay_path(frame_idx).unlink(missing_ok=True)
+        raise FileMissing(f"the overlay of frame {frame_idx} cannot be made; see the server log")
 
     def overlay_path(self, session: Session, frame_idx: int) -> Path:
         self.check_frame(session, frame_idx)
         session.wait_for_write(frame_idx)
         if self._listed_mask(session, frame_idx) is None:
             return self.frame_path(session, frame_idx)
-        if not session.overlay_path(frame_idx).is_file():
-            self._rebuild_overlay(session, frame_idx)
+        self._cached_overlay(session, frame_idx)
         return session.overlay_path(frame_idx)
 
     def mask_path(self, session: Session, frame_idx: int) -> Path:
@@ -1219,7 +1227,7 @@ class SAM2Manager:
     def propagate(self, session_id: str, start_frame: int, end_frame: int | None = None,
                   direction: Direction | None = None, max_frames: int | None = None,
                   progress: Progress | None = None) -> dict:
-        """Track every object from ``start_frame`` over the range, writing masks and overlays."""
+        """Track every object from ``start_frame`` over the range, writing masks."""
         session = self.get(session_id)
         passes = self.plan_propagation(session, start_frame, end_frame, direction, max_frames)
         progress = progress or Progress(stop_event=self.stopping)
@@ -1373,14 +1381,13 @@ class SAM2Manager:
 
     def _write_frame(self, session: Session, frame_idx: int, labels_map: np.ndarray,
                      seq: int | None = None) -> bool:
-        """Write the frame's mask and overlay, unless a later write (``seq``) overtook this one."""
+        """Write the frame's mask, unless a later write (``seq``) overtook this one. Its
+        overlay, now stale, goes: it is drawn again on its next read (``overlay_file``)."""
         with session.write_locks[frame_idx % len(session.write_locks)]:
             if seq is not None and session.write_seq.get(frame_idx) != seq:
                 return False
+            session.overlay_path(frame_idx).unlink(missing_ok=True)
             write_png(session.mask_path(frame_idx), labels_map)
-            rgb = self.frame_rgb(session, frame_idx)
-            write_jpeg(session.overlay_path(frame_idx), mask_ops.overlay(rgb, labels_map),
-                       self.settings.jpeg_quality)
             return True
 
     def _write_and_record(self, session: Session, frame_idx: int, labels_map: np.ndarray,

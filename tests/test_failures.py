@@ -140,7 +140,7 @@ def test_a_missing_overlay_is_rebuilt_identically(client, tracked, settings):
     path.unlink()
     assert client.get(f"/overlay/{tracked}/4").content == original
     assert path.read_bytes() == original
-    path.unlink()
+    path.write_bytes(b"damaged")
     r = client.get(f"/export/{tracked}")
     assert r.status_code == 200 and path.read_bytes() == original
 

@@ -44,8 +44,7 @@ def test_cancelled_propagation_leaves_exactly_the_frames_written(manager, tmp_pa
     assert manifest["propagations"][-1]["frames"] == 3
     assert sorted(p.name for p in session.masks_dir.glob("*.png")) == \
         ["00004.png", "00005.png", "00006.png"]
-    assert sorted(p.name for p in session.overlays_dir.glob("*.jpg")) == \
-        ["00004.jpg", "00005.jpg", "00006.jpg"]
+    assert list(session.overlays_dir.glob("*.jpg")) == []  # overlays are made when read
     # The session is still usable: the rest of the range can be tracked afterwards.
     again = manager.propagate(sid, 4, 11)
     assert again["frames_processed"] == 8
