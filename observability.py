@@ -14,6 +14,8 @@ from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from timing import STAGES
+
 access_log = logging.getLogger("sam2_server.access")
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -62,6 +64,11 @@ class _ManagerCollector:
         for name in MODEL_STATUSES:
             status.add_metric([name], 1 if manager.model_status == name else 0)
         yield status
+        cpu = CounterMetricFamily("sam2_host_cpu_seconds", "CPU time of the host work around "
+                                  "the model, by stage", labels=["stage"])
+        for stage, (seconds, _) in STAGES.snapshot().items():
+            cpu.add_metric([stage], seconds)
+        yield cpu
         if manager.disk.limit is not None:
             yield GaugeMetricFamily("sam2_disk_quota_bytes", "SAM2_MAX_DISK_GB in bytes",
                                     manager.disk.limit)

@@ -18,6 +18,7 @@ from sam2.sam2_video_predictor import SAM2VideoPredictor
 from sam2.utils.misc import _load_img_as_tensor
 
 from state_store import SpillingFrameOutputs
+from timing import STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -271,13 +272,16 @@ class LazyFrames:
         return self.num_frames
 
     def load(self, frame_idx: int) -> torch.Tensor:
-        if self.resize_on is not None:
-            return self._load_resized_on_device(frame_idx)
-        img, _, _ = _load_img_as_tensor(str(self.frame_path(frame_idx)), self.image_size)
-        img = img.to(torch.float32)
-        img -= self._mean
-        img /= self._std
-        return img
+        with STAGES("frame_load"):
+            if self.resize_on is not None:
+                return self._load_resized_on_device(frame_idx)
+            img, _, _ = _load_img_as_tensor(str(self.frame_path(frame_idx)), self.image_size)
+            # Contiguous, as init_state stores it: a permuted (channels-last) input makes the
+            # image features channels-last, and every later model call on them slower.
+            img = img.to(torch.float32).contiguous()
+            img -= self._mean
+            img /= self._std
+            return img
 
     def _load_resized_on_device(self, frame_idx: int) -> torch.Tensor:
         bgr = cv2.imread(str(self.frame_path(frame_idx)), cv2.IMREAD_COLOR)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import shutil
@@ -35,6 +36,7 @@ from disk import DiskQuota, is_disk_full
 from jobs import Job, JobCancelled, JobRunner, Progress, job_from_record
 from layout import PARTIAL_SUFFIX, SessionFiles, is_job_id, is_session_id
 from predictor import LazyFrames, build_predictor, new_inference_state, resolve_device, warm_up
+from timing import STAGES
 from video_io import (
     FrameExtractor,
     StillImage,
@@ -338,6 +340,11 @@ class SAM2Manager:
                     warm_up(self.predictor)
                 self.warm_up_s = round(time.perf_counter() - t0, 3)
                 logger.info("model calls warmed up in %.2fs", self.warm_up_s)
+            # The model, torch and every module loaded so far live as long as the process:
+            # keep the garbage collector from walking them again on every full collection
+            # (each model call allocates thousands of small objects).
+            gc.collect()
+            gc.freeze()
             self.model_status = "ready"
             self.model_detail = None
             self.next_retry_at = None
@@ -958,7 +965,9 @@ class SAM2Manager:
         with session.write_locks[frame_idx % len(session.write_locks)]:
             path = session.overlay_path(frame_idx)
             if not path.is_file():
-                write_jpeg(path, self._overlay_of(session, frame_idx), self.settings.jpeg_quality)
+                with STAGES("overlay"):
+                    write_jpeg(path, self._overlay_of(session, frame_idx),
+                               self.settings.jpeg_quality)
 
     def overlay_rgb(self, session: Session, frame_idx: int) -> np.ndarray:
         """The overlay as RGB for exports, through its JPEG file (made now if missing, or
@@ -1262,8 +1271,10 @@ class SAM2Manager:
                         reverse=reverse)
                     with contextlib.closing(gen), self._model_ctx():
                         for frame_idx, obj_ids, video_masks in gen:
-                            labels_map = mask_ops.label_map(video_masks, obj_ids)
-                            scores = self._frame_scores(state, frame_idx, temp=False)
+                            with STAGES("label_map"):
+                                labels_map = mask_ops.label_map(video_masks, obj_ids)
+                            with STAGES("scores"):
+                                scores = self._frame_scores(state, frame_idx, temp=False)
                             pending.append(self._writer.submit(
                                 self._write_and_record, session, frame_idx, labels_map, scores,
                                 session.claim_write(frame_idx)))
@@ -1387,7 +1398,8 @@ class SAM2Manager:
             if seq is not None and session.write_seq.get(frame_idx) != seq:
                 return False
             session.overlay_path(frame_idx).unlink(missing_ok=True)
-            write_png(session.mask_path(frame_idx), labels_map)
+            with STAGES("mask_png"):
+                write_png(session.mask_path(frame_idx), labels_map)
             return True
 
     def _write_and_record(self, session: Session, frame_idx: int, labels_map: np.ndarray,
@@ -1615,9 +1627,10 @@ class SAM2Manager:
     def _write_manifest(self, session: Session) -> None:
         with session.meta_lock:
             session.manifest_queued = None  # a change from now on queues another rewrite
-        data = json.dumps(self._manifest(session), separators=(",", ":")).encode()
         try:
-            atomic_write_bytes(session.manifest_path, data)
+            with STAGES("manifest"):
+                data = json.dumps(self._manifest(session), separators=(",", ":")).encode()
+                atomic_write_bytes(session.manifest_path, data)
         except OSError:  # nobody may wait on this write: say it here too
             logger.exception("session %s: the manifest could not be written", session.id)
             raise

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from timing import STAGES
+
 _MISSING = object()
 
 
@@ -116,6 +118,10 @@ class SpillingFrameOutputs(MutableMapping):
             self._disk.add(frame_idx)
 
     def _save(self, frame_idx: int, out: dict) -> None:
+        with STAGES("state_spill"):
+            self._save_now(frame_idx, out)
+
+    def _save_now(self, frame_idx: int, out: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         device = None
         packed = {}
@@ -135,6 +141,10 @@ class SpillingFrameOutputs(MutableMapping):
         self.spills += 1
 
     def _load(self, frame_idx: int) -> dict:
+        with STAGES("state_load"):
+            return self._load_now(frame_idx)
+
+    def _load_now(self, frame_idx: int) -> dict:
         packed = torch.load(self._path(frame_idx), map_location="cpu", weights_only=True)
         device = packed.pop("_device")
         out = {k: (v.to(device) if isinstance(v, torch.Tensor) and device else v)

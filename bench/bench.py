@@ -238,9 +238,19 @@ def ours_sequence(manager, video: Path, objects: int) -> dict:
         manager.add_prompt(sid, 0, 1, points=[pts[0]], labels=[1])
 
     r["click_ms"] = median_ms(click)
+    from timing import STAGES
+
+    session.drain_writes()
+    STAGES.reset()
     t0 = time.perf_counter()
     done = manager.propagate(sid, 0, n - 1)["frames_processed"]
     r["propagate_fps"] = done / (time.perf_counter() - t0)
+    session.drain_writes()
+    # Host CPU per propagated frame, by stage; then what an overlay costs on its first read.
+    for f in range(n):
+        manager.overlay_path(session, f)
+    r["host_ms_per_frame"] = {stage: 1000 * seconds / done
+                              for stage, (seconds, _) in STAGES.snapshot().items()}
     r |= state_mib(session.state)
     r["click_after_ms"] = median_ms(click)
     if objects > 1:
@@ -357,6 +367,24 @@ def table(run: dict, objects: int) -> str:
     return "\n".join(lines)
 
 
+STAGE_LABELS = {"frame_load": "frame load + resize", "label_map": "label map",
+                "scores": "scores (device -> host)", "mask_png": "mask PNG",
+                "manifest": "manifest", "state_spill": "state spill", "state_load": "state load",
+                "overlay": "overlay (made on first read)"}
+
+
+def stages(run: dict) -> str:
+    """Host CPU ms per propagated frame outside the model, by stage (ours)."""
+    per = run["ours"].get("host_ms_per_frame") or {}
+    lines = [f"{'host CPU per frame':30} {'ms':>7}"]
+    for stage, label in STAGE_LABELS.items():
+        if stage in per:
+            lines.append(f"{label:30} {per[stage]:7.2f}")
+    during = sum(v for k, v in per.items() if k != "overlay")
+    lines.append(f"{'total during propagation':30} {during:7.2f}")
+    return "\n".join(lines)
+
+
 def scaling(runs: list[dict]) -> str:
     keys = [("first_mask_s", "first mask s"), ("state_mib", "state MiB"),
             ("peak_host_mib", "host MiB"), ("peak_gpu_mib", "GPU MiB")]
@@ -443,6 +471,7 @@ def main() -> None:
                   f"{a.model} @ {header['image_size']} | {header['video']} x {n} frames | "
                   f"{header['checkpoint']} | {header['date']}")
             print(table(run, a.objects), flush=True)
+            print(stages(run), flush=True)
             video.unlink()
         if len(runs) > 1:
             print("\n# scaling with video length (meta / ours)")
