@@ -129,6 +129,9 @@ class Settings(BaseSettings):
                               "below 16 sequential tracking reads some back from disk")
     writer_threads: int = Field(
         0, ge=0, le=64, description="Threads writing masks/overlays (0: from the CPU count)")
+    torch_threads: int = Field(
+        0, ge=0, le=256, description="torch intra-op threads for the model (0: torch's default, "
+                                     "one per core)")
     prefetch_threads: int = Field(
         0, ge=0, le=64, description="Threads preparing upcoming frames (0: from the CPU count)")
 

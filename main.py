@@ -134,6 +134,7 @@ class PromptResponse(BaseModel):
     frame_idx: int
     obj_id: int
     obj_ids: list[int] = Field(description="Every object in the session")
+    colors: dict[int, str] = Field(description="Each object's colour in overlays, #rrggbb")
     mask_area: dict[int, int] = Field(description="Pixels per object on this frame")
     scores: dict[int, dict[str, Any]] = Field(
         description="Per object: object_score (logit; > 0 = visible), predicted iou, visible")
@@ -540,25 +541,29 @@ def _routes(settings: Settings) -> APIRouter:
                                         "codec", "rotation", "duration_s")},
                 "frame_url": f"/frame/{session.id}/0"}
 
-    @api.get("/frame/{session_id}/{frame_idx}", response_class=FileResponse,
+    @api.get("/frame/{session_id}/{frame_idx}", response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}}, tags=["frames"])
     async def get_frame(session: SessionDep, frame_idx: int, manager: ManagerDep):
         """JPEG of the frame at the video's resolution (waits while it is being decoded)."""
-        return FileResponse(await manager.frame_file(session, frame_idx), media_type="image/jpeg")
+        path = await manager.frame_file(session, frame_idx)
+        return Response(await manager.read_file(session, path, frame_idx, "file"),
+                        media_type="image/jpeg")
 
-    @api.get("/overlay/{session_id}/{frame_idx}", response_class=FileResponse,
+    @api.get("/overlay/{session_id}/{frame_idx}", response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}}, tags=["frames"])
     async def get_overlay(session: SessionDep, frame_idx: int, manager: ManagerDep):
         """JPEG of the frame with every object's mask in its colour (the plain frame if none)."""
-        return FileResponse(await manager.overlay_file(session, frame_idx),
-                            media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
+        path = await manager.overlay_file(session, frame_idx)
+        return Response(await manager.read_file(session, path, frame_idx, "overlay"),
+                        media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
-    @api.get("/mask/{session_id}/{frame_idx}", response_class=FileResponse,
+    @api.get("/mask/{session_id}/{frame_idx}", response_class=Response,
              responses={200: {"content": {"image/png": {}}}}, tags=["frames"])
     async def get_mask(session: SessionDep, frame_idx: int, manager: ManagerDep):
         """8-bit PNG at video resolution: pixel = obj_id, 0 = background."""
-        return FileResponse(await manager.mask_file(session, frame_idx), media_type="image/png",
-                            headers={"Cache-Control": "no-cache"})
+        path = await manager.mask_file(session, frame_idx)
+        return Response(await manager.read_file(session, path, frame_idx, "mask"),
+                        media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     def _prompt(session: Session, body: PromptRequest, manager: SAM2Manager, append: bool):
         mask = _decode_mask_b64(body.mask_png_base64, session) if body.mask_png_base64 else None

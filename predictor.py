@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import sam2.sam2_video_predictor as _sam2_vp
 import torch
+from PIL import Image
 from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictor
-from sam2.utils.misc import _load_img_as_tensor
 
 from state_store import SpillingFrameOutputs
 from timing import STAGES
@@ -272,22 +272,35 @@ class LazyFrames:
         return self.num_frames
 
     def load(self, frame_idx: int) -> torch.Tensor:
+        return self._to_model_input(self._read(frame_idx))
+
+    def _read(self, frame_idx: int) -> np.ndarray:
+        """Decode and resize (the slow part, done ahead on prefetch threads). No torch here:
+        torch ops started on another thread bring their own busy-waiting OpenMP team, which
+        slows every model call on a small machine."""
         with STAGES("frame_load"):
             if self.resize_on is not None:
-                return self._load_resized_on_device(frame_idx)
-            img, _, _ = _load_img_as_tensor(str(self.frame_path(frame_idx)), self.image_size)
-            # Contiguous, as init_state stores it: a permuted (channels-last) input makes the
-            # image features channels-last, and every later model call on them slower.
-            img = img.to(torch.float32).contiguous()
+                bgr = cv2.imread(str(self.frame_path(frame_idx)), cv2.IMREAD_COLOR)
+                if bgr is None:
+                    raise OSError(f"cannot read frame {frame_idx}")
+                return np.ascontiguousarray(bgr[..., ::-1].transpose(2, 0, 1))
+            # As sam2's _load_img_as_tensor: PIL resize, then / 255 in float64; float32 as
+            # init_state stores it; channels first and contiguous.
+            with Image.open(self.frame_path(frame_idx)) as img:
+                rgb = np.array(img.convert("RGB").resize((self.image_size, self.image_size)))
+            return np.ascontiguousarray((rgb / 255.0).astype(np.float32).transpose(2, 0, 1))
+
+    def _to_model_input(self, array: np.ndarray) -> torch.Tensor:
+        with STAGES("frame_normalise"):
+            if self.resize_on is not None:
+                return self._resize_on_device(array)
+            img = torch.from_numpy(array)
             img -= self._mean
             img /= self._std
             return img
 
-    def _load_resized_on_device(self, frame_idx: int) -> torch.Tensor:
-        bgr = cv2.imread(str(self.frame_path(frame_idx)), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise OSError(f"cannot read frame {frame_idx}")
-        rgb = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1)[None]
+    def _resize_on_device(self, rgb_chw: np.ndarray) -> torch.Tensor:
+        rgb = torch.from_numpy(rgb_chw)[None]
         if self.resize_on.type == "cuda":
             rgb = rgb.pin_memory().to(self.resize_on, non_blocking=True)
         size = (self.image_size, self.image_size)
@@ -302,7 +315,7 @@ class LazyFrames:
         if not 0 <= frame_idx < self.num_frames:
             raise IndexError(frame_idx)
         future = self._pending.pop(frame_idx, None)
-        img = future.result() if future is not None else self.load(frame_idx)
+        array = future.result() if future is not None else self._read(frame_idx)
         if self._prefetcher is not None:
             step = -1 if self._last is not None and frame_idx == self._last - 1 else 1
             wanted = {frame_idx + step * k for k in range(1, self._depth + 1)}
@@ -310,9 +323,9 @@ class LazyFrames:
             for stale in set(self._pending) - wanted:
                 self._pending.pop(stale).cancel()
             for i in sorted(wanted - set(self._pending)):
-                self._pending[i] = self._prefetcher.submit(self.load, i)
+                self._pending[i] = self._prefetcher.submit(self._read, i)
         self._last = frame_idx
-        return img
+        return self._to_model_input(array)
 
 
 def new_inference_state(predictor: SAM2VideoPredictor, images, video_height: int,

@@ -38,6 +38,7 @@ from layout import PARTIAL_SUFFIX, SessionFiles, is_job_id, is_session_id
 from predictor import LazyFrames, build_predictor, new_inference_state, resolve_device, warm_up
 from timing import STAGES
 from video_io import (
+    ExtractorStopped,
     FrameExtractor,
     StillImage,
     VideoInfo,
@@ -326,6 +327,8 @@ class SAM2Manager:
             path = ensure_checkpoint(s, progress=self._on_download)
             self.model_status = "loading"
             device = resolve_device(s.device)
+            if s.torch_threads:
+                torch.set_num_threads(s.torch_threads)
             t0 = time.perf_counter()
             batch = s.batch_objects == "on" or (s.batch_objects == "auto"
                                                 and device.type == "cuda")
@@ -880,30 +883,55 @@ class SAM2Manager:
 
     def _existing_frame(self, session: Session, path: Path, frame_idx: int) -> Path:
         if not path.is_file():
-            raise FileMissing(f"the file of frame {frame_idx} is missing on the server; upload "
-                              f"the video again to rebuild the session")
+            self._raise_gone(session, frame_idx, "file")
         return path
+
+    def _raise_gone(self, session: Session, frame_idx: int, what: str) -> None:
+        if not session.dir.is_dir():  # deleted while the request ran
+            raise SessionNotFound(f"no session {session.id}; it was deleted")
+        raise FileMissing(f"the {what} of frame {frame_idx} is missing on the server; for a mask "
+                          f"or an overlay, ask again or propagate over the frame again; for a "
+                          f"frame, upload the video again")
+
+    async def read_file(self, session: Session, path: Path, frame_idx: int, what: str) -> bytes:
+        """The bytes of one of the session's files, read at once: a file removed meanwhile (a
+        reset, a deleted session) is a 404 or 409, never a response cut short."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+        except FileNotFoundError:
+            self._raise_gone(session, frame_idx, what)
+            raise
 
     def frame_path(self, session: Session, frame_idx: int) -> Path:
         """Path of the frame's JPEG, waiting while the background decoder gets there."""
         self.check_frame(session, frame_idx)
+        timeout = self.settings.frame_wait_timeout_s
         try:
-            path = session.extractor.wait_for(frame_idx, self.settings.frame_wait_timeout_s)
+            try:
+                path = session.extractor.wait_for(frame_idx, timeout)
+            except ExtractorStopped:  # closed meanwhile: it reopens, or is gone (404)
+                session = self.get(session.id)
+                path = session.extractor.wait_for(frame_idx, timeout)
         except TimeoutError as exc:
             raise FrameNotReady(f"{exc}; try again shortly", retry_after=2) from exc
-        except RuntimeError as exc:
+        except (RuntimeError, ExtractorStopped) as exc:
             raise VideoInvalid(str(exc)) from exc
         return self._existing_frame(session, path, frame_idx)
 
     async def frame_file(self, session: Session, frame_idx: int) -> Path:
         """``frame_path`` for a request handler: waits for the decoder without a thread."""
         self.check_frame(session, frame_idx)
+        timeout = self.settings.frame_wait_timeout_s
         try:
-            path = await session.extractor.wait_for_async(frame_idx,
-                                                          self.settings.frame_wait_timeout_s)
+            try:
+                path = await session.extractor.wait_for_async(frame_idx, timeout)
+            except ExtractorStopped:  # closed meanwhile: it reopens, or is gone (404)
+                session = await asyncio.get_running_loop().run_in_executor(
+                    None, self.get, session.id)
+                path = await session.extractor.wait_for_async(frame_idx, timeout)
         except TimeoutError as exc:
             raise FrameNotReady(f"{exc}; try again shortly", retry_after=2) from exc
-        except RuntimeError as exc:
+        except (RuntimeError, ExtractorStopped) as exc:
             raise VideoInvalid(str(exc)) from exc
         return self._existing_frame(session, path, frame_idx)
 
@@ -1275,12 +1303,13 @@ class SAM2Manager:
                                 labels_map = mask_ops.label_map(video_masks, obj_ids)
                             with STAGES("scores"):
                                 scores = self._frame_scores(state, frame_idx, temp=False)
-                            pending.append(self._writer.submit(
-                                self._write_and_record, session, frame_idx, labels_map, scores,
-                                session.claim_write(frame_idx)))
+                            pending.append(self._queue_tracked_write(session, frame_idx,
+                                                                     labels_map, scores))
                             while len(pending) > 2 * self.settings.writer_workers + 2:
                                 pending.popleft().result()
                             written.append(frame_idx)
+                            with session.meta_lock:
+                                record["passes"][-1]["last"] = frame_idx
                             self.counters["frames_propagated"] += 1
                             self.check_disk(session.owner)  # a cached figure: cheap
                             if time.perf_counter() - last_save > 5:
@@ -1402,6 +1431,18 @@ class SAM2Manager:
                 write_png(session.mask_path(frame_idx), labels_map)
             return True
 
+    def _queue_tracked_write(self, session: Session, frame_idx: int, labels_map: np.ndarray,
+                             scores: dict) -> Future:
+        """Write a tracked frame's mask on a writer thread. Until it lands, readers of that
+        frame wait for it (a progress event may name the frame before its file exists)."""
+        with session.meta_lock:
+            future = self._writer.submit(self._write_and_record, session, frame_idx,
+                                         labels_map, scores, session.claim_write(frame_idx))
+            session.pending_writes[frame_idx] = future
+        # Written and listed: nothing left to wait for (a failure ends the propagation itself).
+        future.add_done_callback(lambda done: session.forget_write(frame_idx, done))
+        return future
+
     def _write_and_record(self, session: Session, frame_idx: int, labels_map: np.ndarray,
                           scores: dict, seq: int) -> None:
         # Recorded only once its files exist, so a reader never gets a listed but missing mask.
@@ -1428,6 +1469,7 @@ class SAM2Manager:
             "session_id": session.id,
             "frame_idx": frame_idx,
             "obj_ids": sorted(session.objects),
+            "colors": {oid: obj["color"] for oid, obj in sorted(session.objects.items())},
             "mask_area": mask_ops.areas(labels_map),
             "scores": frame_scores,
         }

@@ -29,6 +29,10 @@ class VideoUnreadable(ValueError):
     """The upload is not a video FFmpeg can decode (or has no frames)."""
 
 
+class ExtractorStopped(LookupError):
+    """The frame was waited for while its session closed."""
+
+
 class StillImage(VideoUnreadable):
     """The upload is a picture, not a video."""
 
@@ -238,6 +242,7 @@ class FrameExtractor:
         self.written = 0
         self.padded = 0  # frames the container announced but the decoder could not produce
         self.error: str | None = None
+        self.stopped = False
         self._notify = Notifier()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="frame-extractor", daemon=True)
@@ -250,9 +255,13 @@ class FrameExtractor:
         self._publish(self.info.num_frames)
 
     def stop(self) -> None:
+        """Stop decoding (the session is closing); readers still waiting are told at once."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        with self._notify.cond:
+            self.stopped = True
+            self._notify.notify()
 
     @property
     def done(self) -> bool:
@@ -263,20 +272,24 @@ class FrameExtractor:
 
     def wait_for(self, frame_idx: int, timeout: float) -> Path:
         """Block until frame ``frame_idx`` is on disk; raise TimeoutError or RuntimeError otherwise."""
-        self._notify.wait(lambda: self.written > frame_idx or self.error is not None, timeout)
+        self._notify.wait(lambda: self._settled(frame_idx), timeout)
         return self._frame_or_raise(frame_idx)
 
     async def wait_for_async(self, frame_idx: int, timeout: float) -> Path:
         """``wait_for`` for a request handler: waits without holding a thread."""
-        await self._notify.wait_async(
-            lambda: self.written > frame_idx or self.error is not None, timeout)
+        await self._notify.wait_async(lambda: self._settled(frame_idx), timeout)
         return self._frame_or_raise(frame_idx)
+
+    def _settled(self, frame_idx: int) -> bool:
+        return self.written > frame_idx or self.error is not None or self.stopped
 
     def _frame_or_raise(self, frame_idx: int) -> Path:
         if self.written > frame_idx:
             return self.frame_path(frame_idx)
         if self.error is not None:
             raise RuntimeError(f"frame extraction failed: {self.error}")
+        if self.stopped:
+            raise ExtractorStopped(f"frame {frame_idx}: its session was closed")
         raise TimeoutError(f"frame {frame_idx} is still being decoded")
 
     def _publish(self, count: int) -> None:

@@ -953,38 +953,57 @@ def test_prompts_during_background_propagation_keep_the_session_consistent(clien
 
 
 def test_masks_reported_during_propagation_are_servable(client, prompted, monkeypatch):
-    """A frame the job reports as tracked serves its mask and overlay, even mid-write."""
+    """A frame the job reports as tracked serves its mask, even while its file is still being
+    written: the read waits for the write instead of answering 404."""
     mgr = client.manager
     gate = threading.Event()
     real_write = mgr._write_frame
 
     def slow_write(session, frame_idx, labels_map, seq=None):
         if frame_idx == 3:
-            # Hold this frame's files back until the test has looked (a fix that makes the read
-            # wait for the write would pass too, after this timeout).
-            gate.wait(timeout=20)
+            gate.wait(timeout=120)  # held until the reader below has asked
         return real_write(session, frame_idx, labels_map, seq)
 
     monkeypatch.setattr(mgr, "_write_frame", slow_write)
     r = client.post(f"/propagate/{prompted}", json={"background": True})
     assert r.status_code == 202, r.text
     job = mgr.jobs.get(r.json()["job_id"])
+    got = []
     try:
         version = -1
         while not job.finished and not (job.frame_idx is not None and job.done >= 4):
             version = job.wait_change(version, 30)
         assert job.done >= 4 and not job.finished, job.snapshot()
-        info = client.get(f"/session/{prompted}").json()
-        if 3 in info["mask_frames"]:
-            # The session says frame 3 has a mask: serving it must work.
-            assert client.get(f"/mask/{prompted}/3").status_code == 200
-            assert client.get(f"/overlay/{prompted}/3").status_code == 200
-        else:
-            assert_error(client.get(f"/mask/{prompted}/3"), 404, "mask_not_found")
+        reader = threading.Thread(target=lambda: got.append(client.get(f"/mask/{prompted}/3")))
+        reader.start()
     finally:
         gate.set()
+    reader.join(timeout=120)
+    assert got and got[0].status_code == 200, got and got[0].text
+    assert label_png(got[0].content).shape == (HEIGHT, WIDTH)
     end = read_sse(client, f"/jobs/{job.id}/events")[-1][1]
     assert end["status"] == "succeeded"
+    assert end["result"]["passes"][0]["last"] == NUM_FRAMES - 1
+
+
+def test_prompt_answers_name_each_objects_colour(client, session_id):
+    body = annotate_ok(client, session_id, obj_id=7)
+    assert body["colors"] == {"7": mask_ops.color_of(7)}
+
+
+def test_a_frame_request_waiting_for_decoding_ends_when_the_session_is_deleted(client, video):
+    sid = upload(client, video).json()["session_id"]
+    assert client.get(f"/frame/{sid}/7").status_code == 200
+    extractor = client.manager.sessions[sid].extractor
+    with extractor._notify.cond:
+        extractor.written = 1  # as if the decoder were still at frame 1
+    got = []
+    reader = threading.Thread(target=lambda: got.append(client.get(f"/frame/{sid}/7")))
+    reader.start()
+    assert client.delete(f"/session/{sid}").status_code == 200
+    reader.join(timeout=60)  # a bound for a failure: it would otherwise wait 120 s for frames
+    assert got, "the waiting request did not end"
+    assert_error(got[0], 404, "session_not_found")
 
 
 def test_concurrent_requests_on_two_sessions(client, video, settings):

@@ -239,7 +239,8 @@ def test_refine_middle_frame_and_repropagate(manager, video, reference_predictor
     assert (props[0]["first_frame"], props[0]["last_frame"], props[0]["frames"]) == (0, n - 1, n)
     assert (props[1]["first_frame"], props[1]["last_frame"], props[1]["frames"]) == (
         mid, n - 1, n - mid)
-    assert props[1]["passes"] == [{"direction": "forward", "from": mid, "to": n - 1}]
+    assert props[1]["passes"] == [{"direction": "forward", "from": mid, "to": n - 1,
+                                   "last": n - 1}]
     assert props[1]["cancelled"] is False
     # The whole point list is what the model holds for the refined frame.
     assert desc["current_prompts"]["1"][str(mid)]["points"] == [[50.0, 60.0], [70.0, 70.0]]
@@ -278,7 +279,7 @@ def test_backward_propagation_from_last_frame(manager, video, reference_predicto
     annotated = server_mask(session, last)
     result = manager.propagate(sid, last, 0)
     assert result["direction"] == "backward"
-    assert result["passes"] == [{"direction": "backward", "from": last, "to": 0}]
+    assert result["passes"] == [{"direction": "backward", "from": last, "to": 0, "last": 0}]
     assert result["frames_processed"] == n
 
     assert_one_click_run_matches(reference_predictor, session, last, 0, annotated)
@@ -293,8 +294,9 @@ def test_two_objects_propagated_both_ways_from_middle(manager, video, reference_
     manager.add_prompt(sid, 1, 1, points=POS_POINTS, labels=POS_LABELS)
     manager.add_prompt(sid, obj2_frame, 2, points=obj2_points, labels=[1, 1])
     result = manager.propagate(sid, start, direction="both")
-    assert result["passes"] == [{"direction": "forward", "from": start, "to": n - 1},
-                                {"direction": "backward", "from": start, "to": 0}]
+    assert result["passes"] == [{"direction": "forward", "from": start, "to": n - 1,
+                                 "last": n - 1},
+                                {"direction": "backward", "from": start, "to": 0, "last": 0}]
     assert result["frames_processed"] == n
 
     state = reference_state(reference_predictor, session)

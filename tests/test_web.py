@@ -336,7 +336,8 @@ def test_workflow_in_the_browser(page, server, video, shots, tmp_path):
     desc = state(server, sid)
     first, second = desc["propagations"]
     assert second["start_frame"] == 6 and second["status"] == "done"
-    assert second["passes"] == [{"direction": "forward", "from": 6, "to": FRAMES - 1}]
+    assert second["passes"] == [{"direction": "forward", "from": 6, "to": FRAMES - 1,
+                                 "last": FRAMES - 1}]
     assert desc["mask_frames"] == list(range(FRAMES))  # frames before 6 stay as they were
     assert page.eval_on_selector("#strip", "e => e.dataset.coveredFrames") == "6"
     expect(page.locator("#history li").first).to_contain_text("from 6")
