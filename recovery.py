@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import manifest
 from jobs import FINISHED
 from layout import MANIFEST_NAME, PARTIAL_SUFFIX, SessionFiles, is_session_id
 from video_io import atomic_write_bytes
@@ -99,7 +100,7 @@ def reconcile(files: SessionFiles) -> dict:
     is removed (it is rebuilt from the mask on its next read). A propagation or job still
     marked as running is recorded as ``interrupted``, with the frames it wrote.
     """
-    data = json.loads(files.manifest_path.read_text())
+    data = manifest.read(files)
     num_frames = int(data["video"]["num_frames"])
     masks = _frame_files(files.masks_dir, ".png")
     overlays = _frame_files(files.overlays_dir, ".jpg")
@@ -155,7 +156,7 @@ def reconcile(files: SessionFiles) -> dict:
                 job["frame_idx"] = interrupted[job["job_id"]]["last_frame"]
             atomic_write_bytes(path, json.dumps(job, separators=(",", ":")).encode())
 
-    atomic_write_bytes(files.manifest_path, json.dumps(data, separators=(",", ":")).encode())
+    manifest.write_snapshot(files, data)
     files.open_marker.unlink(missing_ok=True)
     summary = {"adopted_masks": len(adopted), "unlisted_masks": len(dropped),
                "stale_overlays": stale, "interrupted": sorted(interrupted)}

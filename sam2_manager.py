@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import exports
+import manifest
 import masks as mask_ops
 import recovery
 from auth import LOCAL_USER, Caller
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 Direction = Literal["forward", "backward", "both"]
 MAX_OBJ_ID = 255
 MAX_POINTS = 256
+JOURNAL_MAX_LINES = 500  # then the journal is folded into a manifest snapshot
 
 
 # ----------------------------------------------------------------------------- errors
@@ -196,7 +198,9 @@ class Session(SessionFiles):
     # same frame is skipped, so nothing has to wait for an earlier write before queueing one.
     write_seq: dict[int, int] = field(default_factory=dict)
     write_locks: tuple = field(default_factory=lambda: tuple(threading.Lock() for _ in range(16)))
-    manifest_write: Future | None = None   # the last manifest rewrite submitted
+    manifest_write: Future | None = None   # the last manifest write (rewrite or journal line)
+    journal_seq: int = 0    # the last journal line recorded (manifest.py)
+    journal_lines: int = 0  # journal lines since the last snapshot
     manifest_queued: Future | None = None  # one submitted but not yet started: it will see
                                            # every change made before it starts
 
@@ -525,6 +529,8 @@ class SAM2Manager:
         try:
             try:
                 session.drain_writes()
+                if session.journal_lines and not delete_files:
+                    self._save_manifest(session)  # closed sessions keep a snapshot only
             except Exception:  # e.g. a full disk: what could not be written is not listed
                 logger.exception("session %s: writes failed while closing", session.id)
             session.extractor.stop()
@@ -778,7 +784,7 @@ class SAM2Manager:
         try:
             if files.open_marker.exists():
                 recovery.reconcile(files)  # the process that had it open died
-            data = json.loads(files.manifest_path.read_text())
+            data = manifest.read(files)
             v = data["video"]
             info = VideoInfo(num_frames=v["num_frames"], width=v["width"], height=v["height"],
                              fps=Fraction(v["fps_rational"]), codec=v["codec"],
@@ -800,7 +806,8 @@ class SAM2Manager:
         session = Session(dir=files.dir, id=session_id, upload_path=upload,
                           filename=data.get("filename", upload.name), info=info,
                           extractor=extractor, owner=data.get("owner"),
-                          created_at=data.get("created_at", time.time()))
+                          created_at=data.get("created_at", time.time()),
+                          journal_seq=data.get("journal_seq", 0))
         for oid, per_frame in data.get("current_prompts", {}).items():
             session.prompts[int(oid)] = {int(f): PromptRecord(**rec)
                                          for f, rec in per_frame.items()}
@@ -1139,19 +1146,24 @@ class SAM2Manager:
                 raise
             with session.meta_lock:
                 session.prompts.setdefault(obj_id, {})[frame_idx] = record
-                session.objects.setdefault(obj_id, {"obj_id": obj_id,
-                                                    "color": mask_ops.color_of(obj_id)})
+                obj = session.objects.setdefault(obj_id, {"obj_id": obj_id,
+                                                          "color": mask_ops.color_of(obj_id)})
                 session.mask_frames.add(frame_idx)
                 session.scores[frame_idx] = frame_scores
-                session.history.append({
+                entry = {
                     "seq": len(session.history) + 1,
                     "action": "mask" if record.mask else ("refine" if append else "annotate"),
                     "frame_idx": frame_idx, "obj_id": obj_id, "points": points,
                     "labels": labels, "box": box, "mask": mask is not None, "at": time.time(),
-                })
+                }
+                session.history.append(entry)
                 # Listed and queued in one step: a reader sees the frame only with its write.
                 self._write_later(session, frame_idx, labels_map)
-            self._save_manifest(session, wait=False)
+                self._journal(session, [
+                    ["set", ["current_prompts", str(obj_id), str(frame_idx)], record.as_dict()],
+                    ["object", obj], ["add", "mask_frames", frame_idx],
+                    ["set", ["scores", str(frame_idx)], self._scores_json(frame_scores)],
+                    ["append", "prompts", entry]])
         return self._frame_result(session, frame_idx, labels_map, frame_scores)
 
     def clear_prompts(self, session_id: str, obj_id: int, frame_idx: int) -> dict:
@@ -1175,10 +1187,13 @@ class SAM2Manager:
             with session.meta_lock:
                 del session.prompts[obj_id][frame_idx]
                 session.scores[frame_idx] = frame_scores
-                session.history.append({"seq": len(session.history) + 1, "action": "clear",
-                                        "frame_idx": frame_idx, "obj_id": obj_id,
-                                        "at": time.time()})
-            self._save_manifest(session, wait=False)
+                entry = {"seq": len(session.history) + 1, "action": "clear",
+                         "frame_idx": frame_idx, "obj_id": obj_id, "at": time.time()}
+                session.history.append(entry)
+                self._journal(session, [
+                    ["del", ["current_prompts", str(obj_id), str(frame_idx)]],
+                    ["set", ["scores", str(frame_idx)], self._scores_json(frame_scores)],
+                    ["append", "prompts", entry]])
         return self._frame_result(session, frame_idx, labels_map, frame_scores) | {
             "object_removed": False}
 
@@ -1650,13 +1665,41 @@ class SAM2Manager:
                            for f, per in sorted(session.scores.items())},
                 "propagations": [p | {"passes": [dict(x) for x in p.get("passes", [])]}
                                  for p in session.propagations],
+                "journal_seq": session.journal_seq,
             }
 
+    @staticmethod
+    def _scores_json(frame_scores: dict) -> dict:
+        return {str(o): v for o, v in frame_scores.items()}
+
+    def _journal(self, session: Session, ops: list) -> None:
+        """Record a small change (a click) as one journal line instead of a rewrite of the whole
+        manifest, whose size grows with the tracked frames; call with ``meta_lock`` held, right
+        after the change, so a snapshot holds either both or neither. A long journal is folded
+        into a snapshot."""
+        with session.meta_lock:
+            session.journal_seq += 1
+            session.journal_lines += 1
+            if session.journal_lines > JOURNAL_MAX_LINES:
+                self._save_manifest(session, wait=False)
+                return
+            session.manifest_write = self._manifest_writer.submit(
+                self._append_journal, session, session.journal_seq, ops)
+
+    def _append_journal(self, session: Session, seq: int, ops: list) -> None:
+        try:
+            with STAGES("manifest"):
+                manifest.append(session, seq, ops)
+        except OSError:
+            logger.exception("session %s: the journal could not be written", session.id)
+            raise
+
     def _save_manifest(self, session: Session, wait: bool = True) -> None:
-        """Rewrite the manifest; a click does not wait (it grows with tracked frames x objects).
+        """Rewrite the manifest snapshot (and drop the journal it then holds); a caller that
+        does not need it on disk does not wait.
 
         Rewrites coalesce: while one is queued and not yet started, it will take in this change
-        too, so a burst of clicks costs one rewrite, not one each.
+        too, so a burst of changes costs one rewrite, not one each.
         """
         with session.meta_lock:
             future = session.manifest_queued
@@ -1669,10 +1712,11 @@ class SAM2Manager:
     def _write_manifest(self, session: Session) -> None:
         with session.meta_lock:
             session.manifest_queued = None  # a change from now on queues another rewrite
+            session.journal_lines = 0
+            data = self._manifest(session)
         try:
             with STAGES("manifest"):
-                data = json.dumps(self._manifest(session), separators=(",", ":")).encode()
-                atomic_write_bytes(session.manifest_path, data)
+                manifest.write_snapshot(session, data)
         except OSError:  # nobody may wait on this write: say it here too
             logger.exception("session %s: the manifest could not be written", session.id)
             raise

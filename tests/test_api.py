@@ -17,8 +17,10 @@ from conftest import label_png
 from fastapi.testclient import TestClient
 from media import frame_rgb, make_video
 
+import manifest
 import masks as mask_ops
 import sam2_manager
+from layout import SessionFiles
 from main import create_app
 from sam2_manager import SAM2Manager
 
@@ -129,9 +131,9 @@ MANIFEST_KEYS = ("session_id", "filename", "video", "objects", "prompts", "curre
 def assert_consistent(client, settings, sid: str) -> dict:
     """Manifest file, GET /session and the mask/overlay files on disk all agree."""
     info = client.get(f"/session/{sid}").json()
-    manifest = json.loads((settings.output_dir / sid / "session.json").read_text())
+    on_disk = manifest.read(SessionFiles(settings.output_dir / sid))
     for key in MANIFEST_KEYS:
-        assert manifest[key] == info[key], key
+        assert on_disk[key] == info[key], key
     masks, overlays = session_files(settings, sid)
     assert masks == set(info["mask_frames"])
     assert overlays <= set(info["mask_frames"])  # overlays are made when first read
@@ -775,11 +777,10 @@ def test_session_describes_and_matches_manifest(client, session_id, settings):
     assert info["objects"][0]["prompted_frames"] == [0]
     assert [p["action"] for p in info["prompts"]] == ["annotate"]
     assert info["mask_frames"] == [0, 1, 2, 3]
-    manifest_path = settings.output_dir / session_id / "session.json"
-    assert manifest_path.is_file()
-    manifest = json.loads(manifest_path.read_text())
+    assert (settings.output_dir / session_id / "session.json").is_file()
+    on_disk = manifest.read(SessionFiles(settings.output_dir / session_id))
     for key in MANIFEST_KEYS:
-        assert manifest[key] == info[key], key
+        assert on_disk[key] == info[key], key
     listed = client.get("/sessions").json()
     assert [s["session_id"] for s in listed] == [session_id]
 
@@ -1050,29 +1051,51 @@ def test_mask_prompt_as_multipart(client, session_id):
     assert [o["obj_id"] for o in client.get(f"/session/{session_id}").json()["objects"]] == [3]
 
 
-def test_a_burst_of_clicks_costs_one_manifest_rewrite(client, session_id, settings, monkeypatch):
-    """While a rewrite is queued, later clicks join it; the file still ends with every click."""
+def test_clicks_append_journal_lines_instead_of_rewriting_the_manifest(client, session_id,
+                                                                      settings, monkeypatch):
+    """A click's cost on disk does not grow with the video: it appends one journal line; the
+    snapshot plus the journal hold every click, and a rewrite folds the journal in."""
     mgr = client.manager
     annotate_ok(client, session_id)
-    mgr.get(session_id).drain_writes()
+    session = mgr.get(session_id)
+    session.drain_writes()
+    mgr._save_manifest(session)  # start from a snapshot with no journal
+    files = SessionFiles(settings.output_dir / session_id)
     rewrites = []
     real = mgr._write_manifest
     monkeypatch.setattr(mgr, "_write_manifest", lambda s: (rewrites.append(1), real(s)))
-    gate = threading.Event()
-    blocker = mgr._manifest_writer.submit(gate.wait)  # the single manifest thread is busy
     clicks = [[10 + 5 * k, 20] for k in range(6)]
     for point in clicks:
         r = client.post(f"/refine-mask/{session_id}",
                         json={"frame_idx": 0, "points": [{"x": point[0], "y": point[1], "label": 0}]})
         assert r.status_code == 200, r.text
-    assert rewrites == []  # nothing written yet: one rewrite is queued behind the blocker
-    gate.set()
-    blocker.result()
-    mgr.get(session_id).drain_writes()
-    assert len(rewrites) == 1
-    manifest = json.loads((settings.output_dir / session_id / "session.json").read_text())
-    refines = [p for p in manifest["prompts"] if p["action"] == "refine"]
+    session.drain_writes()
+    assert rewrites == []
+    assert len(manifest.journal_path(files).read_text().splitlines()) == 6
+    snapshot = json.loads(files.manifest_path.read_text())
+    assert [p["action"] for p in snapshot["prompts"]] == ["annotate"]
+    on_disk = manifest.read(files)
+    refines = [p for p in on_disk["prompts"] if p["action"] == "refine"]
     assert [p["points"][-1] for p in refines] == [[float(x), float(y)] for x, y in clicks]
+    in_memory = json.loads(json.dumps(mgr._manifest(session)))
+    for key in set(in_memory) - {"last_access", "busy_with"}:  # live values, not records
+        assert on_disk[key] == in_memory[key], key
+    # A rewrite folds the journal in; closing the session leaves a snapshot only.
+    mgr.close_session(session_id, delete_files=False)
+    assert not manifest.journal_path(files).exists()
+    assert json.loads(files.manifest_path.read_text())["prompts"] == on_disk["prompts"]
+
+
+def test_a_torn_journal_line_is_skipped_and_older_lines_are_not_replayed(tmp_path):
+    files = SessionFiles(tmp_path)
+    files.manifest_path.write_text(json.dumps({"mask_frames": [1], "journal_seq": 2,
+                                               "current_prompts": {}, "objects": []}))
+    manifest.append(files, 2, [["add", "mask_frames", 7]])  # already in the snapshot
+    manifest.append(files, 3, [["add", "mask_frames", 4]])
+    with open(manifest.journal_path(files), "a") as f:
+        f.write('{"seq": 4, "ops": [["add", "mask_')  # a crash in the middle of a write
+    data = manifest.read(files)
+    assert data["mask_frames"] == [1, 4] and data["journal_seq"] == 3
 
 
 def test_clicks_queue_file_writes_without_waiting_and_the_last_one_wins(client, session_id,
