@@ -263,6 +263,8 @@ class LazyFrames:
         device = resize_on or torch.device("cpu")
         self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32, device=device)[:, None, None]
         self._std = torch.tensor(IMG_STD, dtype=torch.float32, device=device)[:, None, None]
+        self._mean_np = np.array(IMG_MEAN, dtype=np.float32)[:, None, None]
+        self._std_np = np.array(IMG_STD, dtype=np.float32)[:, None, None]
         self._prefetcher = prefetcher
         self._depth = depth
         self._pending: dict[int, Future] = {}
@@ -285,19 +287,20 @@ class LazyFrames:
                     raise OSError(f"cannot read frame {frame_idx}")
                 return np.ascontiguousarray(bgr[..., ::-1].transpose(2, 0, 1))
             # As sam2's _load_img_as_tensor: PIL resize, then / 255 in float64; float32 as
-            # init_state stores it; channels first and contiguous.
+            # init_state stores it; channels first, normalised as init_state does (the same
+            # IEEE float32 operations in numpy as in torch, so the same values).
             with Image.open(self.frame_path(frame_idx)) as img:
                 rgb = np.array(img.convert("RGB").resize((self.image_size, self.image_size)))
-            return np.ascontiguousarray((rgb / 255.0).astype(np.float32).transpose(2, 0, 1))
+            chw = np.ascontiguousarray((rgb / 255.0).astype(np.float32).transpose(2, 0, 1))
+            chw -= self._mean_np
+            chw /= self._std_np
+            return chw
 
     def _to_model_input(self, array: np.ndarray) -> torch.Tensor:
-        with STAGES("frame_normalise"):
-            if self.resize_on is not None:
+        if self.resize_on is not None:
+            with STAGES("frame_normalise"):
                 return self._resize_on_device(array)
-            img = torch.from_numpy(array)
-            img -= self._mean
-            img /= self._std
-            return img
+        return torch.from_numpy(array)
 
     def _resize_on_device(self, rgb_chw: np.ndarray) -> torch.Tensor:
         rgb = torch.from_numpy(rgb_chw)[None]
