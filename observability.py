@@ -69,11 +69,11 @@ class _ManagerCollector:
         for stage, (seconds, _) in STAGES.snapshot().items():
             cpu.add_metric([stage], seconds)
         yield cpu
-        if manager.disk.limit is not None:
+        if manager.store.disk.limit is not None:
             yield GaugeMetricFamily("sam2_disk_quota_bytes", "SAM2_MAX_DISK_GB in bytes",
-                                    manager.disk.limit)
+                                    manager.store.disk.limit)
             yield GaugeMetricFamily("sam2_disk_used_bytes", "Bytes in the upload and output "
-                                    "folders", manager.disk.usage().total)
+                                    "folders", manager.store.disk.usage().total)
 
 
 class Metrics:

@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from errors import ManagerError
     from jobs import Progress
-    from sam2_manager import ManagerError, SAM2Manager
+    from sam2_manager import SAM2Manager
     from video_io import VideoUnreadable, probe_upload
 
     if not args.video.is_file():
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     try:
         sid = manager.new_session_id()
-        upload = manager.upload_path_for(sid, args.video.name)
+        upload = manager.store.upload_path_for(sid, args.video.name)
         shutil.copyfile(args.video, upload)
         session = manager.create_session(sid, upload, args.video.name, fps=args.fps)
         _print(args, "session", {"session_id": sid, "folder": str(session.dir)})
@@ -144,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                                         labels=labels, box=args.box)
             _print(args, "mask", {"frame_idx": args.frame, "mask_area": result["mask_area"],
                                   "scores": result["scores"],
-                                  "mask": str(manager.mask_path(session, args.frame)),
-                                  "overlay": str(manager.overlay_path(session, args.frame))})
+                                  "mask": str(manager.store.mask_path(session, args.frame)),
+                                  "overlay": str(manager.store.overlay_path(session, args.frame))})
         if args.propagate_end is not None or args.propagate or args.direction:
             start = args.propagate_start if args.propagate_start is not None else args.frame
             bar = _BarReporter("propagate")

@@ -212,7 +212,7 @@ def run_meta(a: argparse.Namespace, cuda: bool, work: Path) -> dict:
 # ----------------------------------------------------------------------------- our path
 def ours_sequence(manager, video: Path, objects: int) -> dict:
     sid = manager.new_session_id()
-    upload = manager.upload_path_for(sid, video.name)
+    upload = manager.store.upload_path_for(sid, video.name)
     shutil.copyfile(video, upload)  # the upload itself is network time: not timed
     r = {}
     t_upload = time.perf_counter()
@@ -248,7 +248,7 @@ def ours_sequence(manager, video: Path, objects: int) -> dict:
     session.drain_writes()
     # Host CPU per propagated frame, by stage; then what an overlay costs on its first read.
     for f in range(n):
-        manager.overlay_path(session, f)
+        manager.store.overlay_path(session, f)
     r["host_ms_per_frame"] = {stage: 1000 * seconds / done
                               for stage, (seconds, _) in STAGES.snapshot().items()}
     r |= state_mib(session.state)

@@ -19,7 +19,7 @@ from media import frame_rgb, make_video
 
 import manifest
 import masks as mask_ops
-import sam2_manager
+import store
 from layout import SessionFiles
 from main import create_app
 from sam2_manager import SAM2Manager
@@ -958,14 +958,14 @@ def test_masks_reported_during_propagation_are_servable(client, prompted, monkey
     written: the read waits for the write instead of answering 404."""
     mgr = client.manager
     gate = threading.Event()
-    real_write = mgr._write_frame
+    real_write = mgr.store._write_frame
 
     def slow_write(session, frame_idx, labels_map, seq=None):
         if frame_idx == 3:
             gate.wait(timeout=120)  # held until the reader below has asked
         return real_write(session, frame_idx, labels_map, seq)
 
-    monkeypatch.setattr(mgr, "_write_frame", slow_write)
+    monkeypatch.setattr(mgr.store, "_write_frame", slow_write)
     r = client.post(f"/propagate/{prompted}", json={"background": True})
     assert r.status_code == 202, r.text
     job = mgr.jobs.get(r.json()["job_id"])
@@ -1059,11 +1059,11 @@ def test_clicks_append_journal_lines_instead_of_rewriting_the_manifest(client, s
     annotate_ok(client, session_id)
     session = mgr.get(session_id)
     session.drain_writes()
-    mgr._save_manifest(session)  # start from a snapshot with no journal
+    mgr.store.save_manifest(session)  # start from a snapshot with no journal
     files = SessionFiles(settings.output_dir / session_id)
     rewrites = []
-    real = mgr._write_manifest
-    monkeypatch.setattr(mgr, "_write_manifest", lambda s: (rewrites.append(1), real(s)))
+    real = mgr.store._write_manifest
+    monkeypatch.setattr(mgr.store, "_write_manifest", lambda s: (rewrites.append(1), real(s)))
     clicks = [[10 + 5 * k, 20] for k in range(6)]
     for point in clicks:
         r = client.post(f"/refine-mask/{session_id}",
@@ -1077,7 +1077,7 @@ def test_clicks_append_journal_lines_instead_of_rewriting_the_manifest(client, s
     on_disk = manifest.read(files)
     refines = [p for p in on_disk["prompts"] if p["action"] == "refine"]
     assert [p["points"][-1] for p in refines] == [[float(x), float(y)] for x, y in clicks]
-    in_memory = json.loads(json.dumps(mgr._manifest(session)))
+    in_memory = json.loads(json.dumps(mgr.store.manifest_of(session)))
     for key in set(in_memory) - {"last_access", "busy_with"}:  # live values, not records
         assert on_disk[key] == in_memory[key], key
     # A rewrite folds the journal in; closing the session leaves a snapshot only.
@@ -1108,10 +1108,10 @@ def test_clicks_queue_file_writes_without_waiting_and_the_last_one_wins(client, 
     annotate_ok(client, session_id)
     session.drain_writes()
     written = []
-    real_png = sam2_manager.write_png
-    monkeypatch.setattr(sam2_manager, "write_png",
+    real_png = store.write_png
+    monkeypatch.setattr(store, "write_png",
                         lambda path, labels: (written.append(path.name), real_png(path, labels)))
-    monkeypatch.setattr(mgr._click_writes, "delay", 3600)  # nothing is written unless asked
+    monkeypatch.setattr(mgr.store._click_writes, "delay", 3600)  # nothing is written unless asked
     results = [annotate_ok(client, session_id, obj_id=obj_id, points=[point])
                for obj_id, point in ((2, (110, 90, 1)), (3, (40, 95, 1)))]
     assert written == []  # both clicks answered; neither file written yet

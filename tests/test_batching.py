@@ -33,13 +33,13 @@ def managers(settings, checkpoint):
 
 def _session(mgr, video):
     sid = mgr.new_session_id()
-    path = mgr.upload_path_for(sid, "v.mp4")
+    path = mgr.store.upload_path_for(sid, "v.mp4")
     shutil.copy(video, path)
     return sid, mgr.create_session(sid, path, "v.mp4")
 
 
 def _masks(mgr, session, n):
-    return [mgr.read_label_map(session, f) for f in range(n)]
+    return [mgr.store.read_label_map(session, f) for f in range(n)]
 
 
 @pytest.mark.parametrize("layout", ["same_frame", "different_frames"])
@@ -57,7 +57,7 @@ def test_batched_objects_match_one_by_one(managers, tmp_path, layout):
         mgr.propagate(sid, 0, n - 1)
         mgr.add_prompt(sid, 6, 2, points=[[10, 10]], labels=[0], append=True)
         mgr.propagate(sid, 6, 0)  # backwards, through spilled state
-        results.append((_masks(mgr, session, n), mgr.describe(sid)["scores"]))
+        results.append((_masks(mgr, session, n), mgr.store.describe(sid)["scores"]))
     (plain, plain_scores), (batched, batched_scores) = results
     assert any(m.any() for m in plain)
     for f in range(n):

@@ -85,21 +85,21 @@ def test_out_of_memory_during_a_propagation_keeps_the_frames_written(client, ses
 # ----------------------------------------------------------------------------- disk
 def test_disk_quota_refuses_uploads_with_what_to_delete(client, video, settings):
     sid = upload(client, video).json()["session_id"]
-    used = client.manager.disk.usage(fresh=True).total
-    client.manager.disk.limit = used + video.stat().st_size // 2
+    used = client.manager.store.disk.usage(fresh=True).total
+    client.manager.store.disk.limit = used + video.stat().st_size // 2
     r = upload(client, video)
     body = assert_error(r, 507, "insufficient_storage")
     assert "SAM2_MAX_DISK_GB" in body["detail"] and sid in body["detail"]
     assert {p.name for p in settings.upload_dir.iterdir()} == {sid}
     # Deleting a session makes room again.
     assert client.delete(f"/session/{sid}").status_code == 200
-    client.manager.disk.usage(fresh=True)
+    client.manager.store.disk.usage(fresh=True)
     assert upload(client, video).status_code == 200
 
 
 def test_disk_quota_stops_a_propagation_and_keeps_what_it_wrote(client, session_id, settings):
     assert prompt(client, session_id).status_code == 200
-    disk = client.manager.disk
+    disk = client.manager.store.disk
     disk.max_age_s = 0  # count every file as it lands
     one_frame = sum(p.stat().st_size for p in settings.output_dir.rglob("00000.*")
                     if "frames" not in p.parts)

@@ -36,7 +36,7 @@ POS_LABELS = [1, 1]
 def open_session(manager, video: Path):
     """Create a session the way the upload route does; frames keep decoding in the background."""
     sid = manager.new_session_id()
-    path = manager.upload_path_for(sid, "clip.mp4")
+    path = manager.store.upload_path_for(sid, "clip.mp4")
     shutil.copy(video, path)
     session = manager.create_session(sid, path, "clip.mp4")
     return sid, session
@@ -132,7 +132,7 @@ def test_server_frames_are_what_the_reference_reads(manager, video, reference_pr
     # Exactly the decoded frames, named as sam2's JPEG loader expects, no leftover temp files.
     assert sorted(os.listdir(session.frames_dir)) == [f"{i:05d}.jpg" for i in range(n)]
     for i in range(n):
-        assert manager.frame_path(session, i) == session.frames_dir / f"{i:05d}.jpg"
+        assert manager.store.frame_path(session, i) == session.frames_dir / f"{i:05d}.jpg"
     assert state["num_frames"] == n
 
 
@@ -233,7 +233,7 @@ def test_refine_middle_frame_and_repropagate(manager, video, reference_predictor
         assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
             stats_before[f].st_ino, stats_before[f].st_mtime_ns, stats_before[f].st_size), f
         assert session.mask_path(f).read_bytes() == bytes_before[f], f
-    desc = manager.describe(sid)
+    desc = manager.store.describe(sid)
     props = desc["propagations"]
     assert len(props) == 2
     assert (props[0]["first_frame"], props[0]["last_frame"], props[0]["frames"]) == (0, n - 1, n)
@@ -307,7 +307,7 @@ def test_two_objects_propagated_both_ways_from_middle(manager, video, reference_
     assert sorted(ref) == list(range(n))
     assert_informative(ref, obj_ids=(1, 2))
     assert_same_labels(server_masks(session, range(n)), ref)
-    assert manager.describe(sid)["mask_frames"] == list(range(n))
+    assert manager.store.describe(sid)["mask_frames"] == list(range(n))
 
 
 def test_both_directions_start_frame_ends_with_the_backward_result(manager, video,
@@ -326,7 +326,7 @@ def test_both_directions_start_frame_ends_with_the_backward_result(manager, vide
     sid, session = open_session(manager, video)
     n = session.info.num_frames
     start = n - 2
-    real_write = manager._write_frame
+    real_write = manager.store._write_frame
     calls: list[int] = []
     second_done = threading.Event()
     lock = threading.Lock()
@@ -346,7 +346,7 @@ def test_both_directions_start_frame_ends_with_the_backward_result(manager, vide
             second_done.set()
 
     manager.add_prompt(sid, 0, 1, points=POS_POINTS, labels=POS_LABELS)
-    monkeypatch.setattr(manager, "_write_frame", write_frame)
+    monkeypatch.setattr(manager.store, "_write_frame", write_frame)
     manager.propagate(sid, start, direction="both")
     assert calls.count(start) == 2
 
@@ -356,7 +356,7 @@ def test_both_directions_start_frame_ends_with_the_backward_result(manager, vide
     backward = ref_propagate(reference_predictor, state, start, 0)
     assert (forward[start] != backward[start]).any(), "the two passes must disagree here"
     assert_same_labels({start: server_mask(session, start)}, {start: backward[start]})
-    score = manager.describe(sid)["scores"][str(start)]["1"]["object_score"]
+    score = manager.store.describe(sid)["scores"][str(start)]["1"]["object_score"]
     final_logit = state["output_dict_per_obj"][0]["non_cond_frame_outputs"][start][
         "object_score_logits"].item()
     assert score == pytest.approx(final_logit, abs=1e-4)
@@ -427,7 +427,7 @@ def test_box_added_by_refine_to_existing_points(manager, video, reference_predic
     manager.add_prompt(sid, 0, 1, box=BOX, append=True)
     refined = server_mask(session, 0)
     manager.propagate(sid, 0, n - 1)
-    current = manager.describe(sid)["current_prompts"]["1"]["0"]
+    current = manager.store.describe(sid)["current_prompts"]["1"]["0"]
     assert current["box"] == BOX
     assert current["points"] == [[45.0, 55.0], [60.0, 65.0]] and current["labels"] == [1, 1]
 
@@ -495,7 +495,7 @@ def test_scores_match_reference_object_score_logits(client, video, reference_pre
     r = client.get(f"/session/{sid}")
     assert r.status_code == 200, r.text
     scores = r.json()["scores"]
-    assert scores == client.manager.describe(sid)["scores"]
+    assert scores == client.manager.store.describe(sid)["scores"]
 
     state = reference_state(reference_predictor, session)
     ref_add(reference_predictor, state, 0, 1, points=POS_POINTS, labels=POS_LABELS)

@@ -18,7 +18,7 @@ MASK_TOLERANCE = 0.002
 
 def test_model_inputs_close_to_pil(tmp_path, manager, video):
     sid = manager.new_session_id()
-    path = manager.upload_path_for(sid, "v.mp4")
+    path = manager.store.upload_path_for(sid, "v.mp4")
     shutil.copy(video, path)
     session = manager.create_session(sid, path, "v.mp4")
     session.extractor.wait_for(7, 60)
@@ -42,14 +42,14 @@ def test_masks_within_tolerance(settings, predictor, tmp_path):
         mgr = SAM2Manager(settings.model_copy(update={
             "frame_resize": mode, "output_dir": settings.output_dir / mode}), predictor=predictor)
         sid = mgr.new_session_id()
-        path = mgr.upload_path_for(sid, "v.mp4")
+        path = mgr.store.upload_path_for(sid, "v.mp4")
         shutil.copy(video, path)
         session = mgr.create_session(sid, path, "v.mp4")
         mgr.add_prompt(sid, 0, 1, points=[[45, 55], [50, 60]], labels=[1, 1])
         mgr.propagate(sid, 0, n - 1)
         mgr.add_prompt(sid, 5, 1, points=[[10, 10]], labels=[0], append=True)
         mgr.propagate(sid, 5, 0)
-        masks.append([mgr.read_label_map(session, f) for f in range(n)])
+        masks.append([mgr.store.read_label_map(session, f) for f in range(n)])
         mgr.shutdown()
     for f in range(n):
         differing = float((masks[0][f] != masks[1][f]).mean())

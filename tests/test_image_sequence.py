@@ -78,7 +78,7 @@ def test_zip_masks_equal_meta_and_a_lossless_video_of_the_same_frames(manager, t
     sessions = {}
     for kind, name, fps in (("zip", "frames.zip", "12"), ("video", "frames.mkv", None)):
         sid = manager.new_session_id()
-        path = manager.upload_path_for(sid, name)
+        path = manager.store.upload_path_for(sid, name)
         if kind == "zip":
             path.write_bytes(frames_zip())
         else:

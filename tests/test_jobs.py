@@ -26,7 +26,7 @@ class CancelAfter:
 def test_cancelled_propagation_leaves_exactly_the_frames_written(manager, tmp_path):
     video = make_video(tmp_path / "v.mp4", num_frames=12)
     sid = manager.new_session_id()
-    path = manager.upload_path_for(sid, "v.mp4")
+    path = manager.store.upload_path_for(sid, "v.mp4")
     shutil.copy(video, path)
     session = manager.create_session(sid, path, "v.mp4")
     manager.add_prompt(sid, 4, 1, points=[[45, 55]], labels=[1])

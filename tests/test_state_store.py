@@ -26,7 +26,7 @@ def small_window_manager(settings, predictor):
 
 def _open(mgr, video):
     sid = mgr.new_session_id()
-    path = mgr.upload_path_for(sid, "clip.mp4")
+    path = mgr.store.upload_path_for(sid, "clip.mp4")
     shutil.copy(video, path)
     session = mgr.create_session(sid, path, "clip.mp4")
     session.extractor.wait_for(session.info.num_frames - 1, 60)

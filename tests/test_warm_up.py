@@ -8,13 +8,13 @@ import cv2
 import numpy as np
 from media import make_video
 
-import sam2_manager
+import engine
 from sam2_manager import SAM2Manager
 
 
 def _track(mgr: SAM2Manager, video) -> list[bytes]:
     sid = mgr.new_session_id()
-    path = mgr.upload_path_for(sid, "clip.mp4")
+    path = mgr.store.upload_path_for(sid, "clip.mp4")
     shutil.copy(video, path)
     session = mgr.create_session(sid, path, "clip.mp4")
     mgr.add_prompt(sid, 0, 1, points=[[60, 50]], labels=[1])
@@ -26,13 +26,13 @@ def _track(mgr: SAM2Manager, video) -> list[bytes]:
 
 def test_warm_up_runs_behind_health_and_changes_no_mask(settings, manager, tmp_path, monkeypatch):
     seen = []
-    real = sam2_manager.warm_up
+    real = engine.warm_up
 
     def spy(predictor):
         seen.append(warm.health())
         real(predictor)
 
-    monkeypatch.setattr(sam2_manager, "warm_up", spy)
+    monkeypatch.setattr(engine, "warm_up", spy)
     warm = SAM2Manager(settings.model_copy(update={
         "warm_up": True, "upload_dir": tmp_path / "w-up", "output_dir": tmp_path / "w-out"}))
     try:
@@ -56,7 +56,7 @@ def test_warm_up_runs_behind_health_and_changes_no_mask(settings, manager, tmp_p
 
 
 def test_warm_up_can_be_turned_off(settings, tmp_path, monkeypatch):
-    monkeypatch.setattr(sam2_manager, "warm_up", lambda predictor: (_ for _ in ()).throw(
+    monkeypatch.setattr(engine, "warm_up", lambda predictor: (_ for _ in ()).throw(
         AssertionError("warm-up ran although SAM2_WARM_UP=false")))
     mgr = SAM2Manager(settings.model_copy(update={"warm_up": False}))
     try:
