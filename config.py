@@ -135,6 +135,21 @@ class Settings(BaseSettings):
     prefetch_threads: int = Field(
         0, ge=0, le=64, description="Threads preparing upcoming frames (0: from the CPU count)")
 
+    # -- Ray mode (python serve_ray.py); the single process ignores these
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (e.g. 10.0.0.5:6379, or 'auto'); unset: start "
+                          "a local one")
+    ray_workers: int = Field(2, ge=1, le=256, description="Engines (Ray actors), each with "
+                                                          "its own model")
+    ray_gpus_per_worker: float | None = Field(
+        None, ge=0, description="GPUs per worker (unset: 1 where the cluster has GPUs, else 0)")
+    ray_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs reserved per worker")
+    ray_ingress_replicas: int = Field(1, ge=1, le=64, description="HTTP ingress replicas "
+                                                                  "(Ray Serve)")
+    ray_call_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for a worker's answer (a blocking propagation "
+                                 "or export included)")
+
     @field_validator("model", mode="before")
     @classmethod
     def _canonical_model(cls, value: str) -> str:

@@ -92,3 +92,7 @@ class ModelOutOfMemory(ManagerError):
 
 class FileMissing(ManagerError):
     code = "file_missing"
+
+
+class WorkerUnavailable(ManagerError):
+    code = "worker_unavailable"

@@ -39,6 +39,7 @@ from errors import (
     TooManySessions,
     VideoInvalid,
     VideoSizeRefused,
+    WorkerUnavailable,
 )
 from uploads_stream import UploadError
 
@@ -64,6 +65,7 @@ STATUS_OF: dict[type[ManagerError], int] = {
     ModelNotReady: 503,
     ModelOutOfMemory: 503,
     FrameNotReady: 503,
+    WorkerUnavailable: 503,
     DiskFull: 507,
 }
 

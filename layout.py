@@ -55,6 +55,11 @@ class SessionFiles:
         return self.dir / OPEN_MARKER
 
     @property
+    def worker_path(self) -> Path:
+        """Ray mode: which worker holds the session (written once, read by every ingress)."""
+        return self.dir / "worker.json"
+
+    @property
     def prompts_dir(self) -> Path:
         return self.dir / "prompts"
 

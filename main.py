@@ -49,7 +49,8 @@ def create_app(settings: Settings | None = None, manager: Backend | None = None)
         # threads, sized so that requests queued on busy sessions can never take them all:
         # reads, /health and every other session keep the default pool to themselves.
         app.state.model_pool = ThreadPoolExecutor(
-            settings.max_sessions * (settings.session_queue + 1) + 4,
+            getattr(mgr, "model_threads", None)
+            or settings.max_sessions * (settings.session_queue + 1) + 4,
             thread_name_prefix="model-work")
         cleaner = asyncio.create_task(_cleanup_loop(mgr, settings.cleanup_interval_s))
         try:

@@ -68,6 +68,13 @@ JOURNAL_MAX_LINES = 500  # then the journal is folded into a manifest snapshot
 CLICK_WRITE_DELAY_S = 0.25  # a click's mask file is written then, or when first asked for
 
 
+def video_info_of(video: dict) -> VideoInfo:
+    """The video's description as the manifest keeps it."""
+    return VideoInfo(num_frames=video["num_frames"], width=video["width"], height=video["height"],
+                     fps=Fraction(video["fps_rational"]), codec=video["codec"],
+                     container=video["container"], rotation=video["rotation"])
+
+
 @dataclass
 class PromptRecord:
     """What the model currently holds for one object on one frame."""
@@ -234,9 +241,7 @@ class SessionStore:
                 recovery.reconcile(files)  # the process that had it open died
             data = manifest.read(files)
             v = data["video"]
-            info = VideoInfo(num_frames=v["num_frames"], width=v["width"], height=v["height"],
-                             fps=Fraction(v["fps_rational"]), codec=v["codec"],
-                             container=v["container"], rotation=v["rotation"])
+            info = video_info_of(v)
             upload = self.settings.upload_dir / session_id / data.get("upload", "video.bin")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("session %s cannot be restored: %s", session_id, exc)
@@ -600,6 +605,9 @@ class SessionStore:
             session.overlay_path(frame_idx).unlink(missing_ok=True)
             with STAGES("mask_png"):
                 write_png(session.mask_path(frame_idx), labels_map)
+            # Again after: an overlay drawn meanwhile by another process (a Ray ingress) from
+            # the old mask goes too (that process checks the mask did not change under it).
+            session.overlay_path(frame_idx).unlink(missing_ok=True)
             return True
 
     def write_tracked_mask(self, session: Session, frame_idx: int, labels_map: np.ndarray,

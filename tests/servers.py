@@ -36,13 +36,17 @@ class Server:
         self._eof = False  # the process closed its output: every line is in
         self.proc: subprocess.Popen | None = None
 
+    command = ["main.py"]
+    ready_lines = ("model ready", "Uvicorn running on")
+
     def start(self, ready_timeout: float = 300) -> Server:
         self.lines, self._eof = [], False
-        self.proc = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env=self.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen([sys.executable, *self.command], cwd=ROOT, env=self.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for_log("model ready", ready_timeout)
-        self.wait_for_log("Uvicorn running on", ready_timeout)
+        for line in self.ready_lines:
+            self.wait_for_log(line, ready_timeout)
         return self
 
     def _read(self) -> None:
@@ -86,6 +90,38 @@ class Server:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=60)
+
+
+class RayServer(Server):
+    """``python serve_ray.py``: a local Ray cluster of its own, its workers and Serve ingress."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, workers: int = 2, cpus: int = 2):
+        super().__init__(env | {"SAM2_RAY_WORKERS": str(workers), "SAM2_RAY_CPUS_PER_WORKER": "1",
+                                "SAM2_TORCH_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"},
+                         log_path)
+        self.command = ["serve_ray.py", "--num-cpus", str(cpus)]
+
+    ready_lines = ("serving on http",)
+
+    def ray_run(self, code: str, timeout: float = 120) -> str:
+        """Run ``code`` in a Ray driver attached to this server's cluster (``ray`` imported,
+        connected to the namespace ``sam2``); its stdout."""
+        script = "import ray\nray.init(address='auto', namespace='sam2', log_to_driver=False)\n"
+        done = subprocess.run([sys.executable, "-c", script + code], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    def stop(self) -> None:
+        """SIGTERM (the cluster stops with its driver); SIGKILL to the group if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=60)
 
 
