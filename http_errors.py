@@ -41,6 +41,7 @@ from errors import (
     VideoSizeRefused,
     WorkerUnavailable,
 )
+from jobs import JobCancelled
 from uploads_stream import UploadError
 
 logger = logging.getLogger("sam2_server")
@@ -104,6 +105,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _manager_error(request: Request, exc: ManagerError):
         return _error(request, STATUS_OF.get(type(exc), 400), exc.code, str(exc),
                       retry_header(exc.retry_after))
+
+    @app.exception_handler(JobCancelled)
+    async def _work_stopped(request: Request, exc: JobCancelled):
+        # A blocking propagation or export cut short by a server stop: what was written stays.
+        return _error(request, 503, exc.status, "the server is stopping; the frames done so far "
+                      "are kept (see GET /session): send the request again once it is back",
+                      {"Retry-After": "10"}, result=exc.result)
 
     @app.exception_handler(UploadError)
     async def _upload_error(request: Request, exc: UploadError):

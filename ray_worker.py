@@ -18,6 +18,7 @@ from pathlib import Path
 
 from config import Settings
 from errors import JobNotFound, ManagerError
+from jobs import JobCancelled
 from sam2_manager import SAM2Manager
 
 NAMESPACE = "sam2"
@@ -33,7 +34,7 @@ def worker_name(index: int) -> str:
 def _answer(fn, *args, **kwargs) -> tuple[str, object]:
     try:
         return "ok", fn(*args, **kwargs)
-    except ManagerError as exc:
+    except (ManagerError, JobCancelled) as exc:  # JobCancelled: a blocking call cut short
         return "error", exc
 
 

@@ -5,6 +5,7 @@ running work cleanly."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -188,3 +189,35 @@ def test_sigterm_stops_a_propagation_cleanly(servers, tmp_path):
     with srv.client() as c:
         assert c.get(f"/jobs/{job['job_id']}").json()["status"] == "interrupted"
         assert_files_agree(c, outputs, sid)
+
+
+def test_sigterm_answers_a_blocking_propagation_with_503(servers, tmp_path):
+    """A propagation run as one request, cut short by a stop: 503 with Retry-After and what was
+    done, not a 500; the frames written are kept."""
+    video = make_video(tmp_path / "v" / "long.mp4", num_frames=40)
+    masks = tmp_path / "outputs"
+    srv = servers()
+    answer: dict = {}
+    with srv.client() as c:
+        sid = upload(c, video)
+        click(c, sid)
+        masks = masks / sid / "masks"
+        before = len(list(masks.glob("*.png")))
+
+        def propagate() -> None:
+            answer["r"] = c.post(f"/propagate/{sid}", json={"start_frame": 0})
+
+        worker = threading.Thread(target=propagate)
+        worker.start()
+        seen = threading.Event()
+        while worker.is_alive() and not seen.wait(0.05):  # until the run has written some
+            if len(list(masks.glob("*.png"))) >= before + 3:
+                seen.set()
+        assert seen.is_set(), "the propagation wrote nothing"
+        srv.proc.send_signal(signal.SIGTERM)
+        worker.join(120)
+    r = answer["r"]
+    assert r.status_code == 503 and r.headers["Retry-After"], r.text
+    body = r.json()
+    assert body["error"] == "interrupted" and 0 < body["result"]["frames_processed"] < 40, body
+    assert srv.proc.wait(timeout=120) in (0, -15)
