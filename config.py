@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     ray_gpus_per_worker: float | None = Field(
         None, ge=0, description="GPUs per worker (unset: 1 where the cluster has GPUs, else 0)")
     ray_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs reserved per worker")
+    ray_pin_cpus: bool = Field(
+        False, description="Confine each worker to SAM2_RAY_CPUS_PER_WORKER cores of its node "
+                           "(Ray reserves CPUs but does not confine a process to them)")
     ray_ingress_replicas: int = Field(1, ge=1, le=64, description="HTTP ingress replicas "
                                                                   "(Ray Serve)")
     ray_call_timeout_s: float = Field(

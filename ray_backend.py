@@ -240,8 +240,8 @@ class RayBackend:
         healths = self._healths()
         base = next((h for h in healths if h.get("status") == "ok"), healths[0])
         per_worker = ("worker", "status", "model_status", "device", "sessions", "busy",
-                      "jobs_running", "node_id", "pid", "up_s", "detail")
-        own = ("worker", "busy", "jobs_running", "node_id", "pid", "up_s")
+                      "jobs_running", "node_id", "pid", "up_s", "cores", "detail")
+        own = ("worker", "busy", "jobs_running", "node_id", "pid", "up_s", "cores")
         return {k: v for k, v in base.items() if k not in own} | {
             "status": "ok" if self.ready else "unavailable",
             "mode": "ray",
@@ -362,6 +362,7 @@ class RayBackend:
         """Hold a slot for a new session on the least loaded worker with room; 429 when every
         worker's sessions are all busy."""
         refused: ManagerError | None = None
+        self._poll()  # fresh loads: another replica may have placed a session a moment ago
         for _, index in self._loads():
             try:
                 self._invoke(index, "call", "reserve", session_id)

@@ -11,8 +11,10 @@ traceback.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +33,35 @@ def worker_name(index: int) -> str:
     return f"sam2-worker-{index}"
 
 
+def _pin_cpus(count: float) -> list[int] | None:
+    """Confine this process to ``count`` cores of its node: the lowest slot no live worker on
+    the node holds (a lock held for the process's life), slot k being cores k*count.. of the
+    ones it may use. Threads started later inherit it (torch's included)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    per = max(1, int(count))
+    slots = max(1, len(allowed) // per)
+    lock_dir = Path(tempfile.gettempdir()) / "sam2-cpu-slots"
+    lock_dir.mkdir(exist_ok=True)
+    for slot in range(slots):
+        handle = open(lock_dir / f"{slot}.lock", "w")  # noqa: SIM115 - held until exit
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _SLOT_LOCKS.append(handle)
+        cores = allowed[slot * per:(slot + 1) * per]
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cores)
+        logging.getLogger(__name__).info("pinned to cores %s", cores)
+        return cores
+    return None  # more workers than slots on this node: left unpinned
+
+
+_SLOT_LOCKS: list = []
+
+
 def _answer(fn, *args, **kwargs) -> tuple[str, object]:
     try:
         return "ok", fn(*args, **kwargs)
@@ -47,6 +78,7 @@ class EngineWorker:
         self.index = index
         self.name = worker_name(index)
         self.started_at = time.time()
+        self.cores = _pin_cpus(settings.ray_cpus_per_worker) if settings.ray_pin_cpus else None
         self.engine = SAM2Manager(settings)
         self.engine.start_model_loader()
         # Calls sent meanwhile wait in Ray's queue until the constructor returns: a worker
@@ -140,6 +172,7 @@ class EngineWorker:
             "busy": sum(1 for s in sessions if s.work_lock.locked()),
             "jobs_running": len(self.engine.jobs.running()),
             "up_s": round(time.time() - self.started_at, 1),
+            "cores": self.cores,
         }
 
     def held(self) -> list[str]:

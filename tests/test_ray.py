@@ -40,7 +40,10 @@ def ray_server(tmp_path_factory, checkpoint):
     env = {"SAM2_CHECKPOINT": str(checkpoint), "SAM2_IMAGE_SIZE": "256", "SAM2_DEVICE": "cpu",
            "SAM2_FILL_HOLE_AREA": "0", "SAM2_UPLOAD_DIR": str(root / "uploads"),
            "SAM2_OUTPUT_DIR": str(root / "outputs"), "SAM2_API_KEYS": f"{KEY_A},{KEY_B}",
-           "SAM2_MAX_SESSIONS": "1", "SAM2_MAX_JSON_MB": "1"}
+           "SAM2_MAX_SESSIONS": "1", "SAM2_MAX_JSON_MB": "1",
+           # Two ingress replicas: requests of one test land on either, so job ids, views and
+           # assignments must agree across them.
+           "SAM2_RAY_INGRESS_REPLICAS": "2"}
     server = RayServer(env, root / "server.log").start(ready_timeout=600)
     server.output_dir = root / "outputs"
     yield server
