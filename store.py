@@ -494,7 +494,7 @@ class SessionStore:
                 path = await session.extractor.wait_for_async(frame_idx, timeout)
             except ExtractorStopped:  # closed meanwhile: it reopens, or is gone (404)
                 session = await asyncio.get_running_loop().run_in_executor(
-                    None, self.get, session.id)
+                    None, self.reopen, session.id)
                 path = await session.extractor.wait_for_async(frame_idx, timeout)
         except TimeoutError as exc:
             raise FrameNotReady(f"{exc}; try again shortly", retry_after=2) from exc
