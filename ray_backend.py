@@ -186,6 +186,7 @@ class RayBackend:
         n = settings.ray_workers
         self._workers = [ray.get_actor(worker_name(i), namespace=NAMESPACE) for i in range(n)]
         self._health: list[dict | None] = [None] * n
+        self._gone: set[int] = set()  # workers dead for good (killed without restart)
         self._health_changed = threading.Event()
         self._views: OrderedDict[str, Session] = OrderedDict()
         self._assigned: dict[str, int] = {}
@@ -214,7 +215,13 @@ class RayBackend:
         for i, ref in enumerate(refs):
             try:
                 self._health[i] = ray.get(ref, timeout=HEALTH_TIMEOUT_S)
-            except (GetTimeoutError, RayActorError):
+            except (GetTimeoutError, RayActorError) as exc:
+                if isinstance(exc, RayActorError) and self._is_gone(i):
+                    self._health[i] = {"worker": worker_name(i), "status": "gone",
+                                       "model_status": "gone", "sessions": 0,
+                                       "detail": "the worker is dead and will not restart; "
+                                                 "its sessions moved to the others"}
+                    continue
                 self._health[i] = {"worker": worker_name(i), "status": "unavailable",
                                    "model_status": "restarting", "sessions": 0,
                                    "detail": "the worker does not answer (restarting, or "
@@ -256,8 +263,26 @@ class RayBackend:
         return None if self.ready else 5.0
 
     # -- calls to workers ------------------------------------------------------------------
+    def _is_gone(self, index: int) -> bool:
+        """Whether the worker is dead for good: Ray forgets the name of an actor that will not
+        restart (one restarting keeps it)."""
+        if index in self._gone:
+            return True
+        try:
+            ray.get_actor(worker_name(index), namespace=NAMESPACE)
+        except ValueError:
+            logger.warning("%s is gone for good: its sessions move to the other workers",
+                           worker_name(index))
+            self._gone.add(index)
+            return True
+        return False
+
     def _unavailable(self, index: int, exc: BaseException) -> WorkerUnavailable:
         logger.warning("%s: %s", worker_name(index), type(exc).__name__)
+        if isinstance(exc, RayActorError) and self._is_gone(index):
+            return WorkerUnavailable(
+                f"{worker_name(index)}, which held this session, is gone; the session moves to "
+                f"another worker and reopens there from disk: try again", retry_after=2)
         return WorkerUnavailable(
             f"{worker_name(index)}, which holds this session, stopped or does not answer; "
             f"it is restarting and reopens the session from disk: try again", retry_after=5)
@@ -307,7 +332,12 @@ class RayBackend:
         for i, h in enumerate(self._healths()):
             if h.get("status") == "ok":
                 loads.append((h.get("sessions", 0), i))
-        return sorted(loads) or [(0, i) for i in range(len(self._workers))]
+        if loads:
+            return sorted(loads)
+        alive = [(0, i) for i in range(len(self._workers)) if i not in self._gone]
+        if not alive:
+            raise WorkerUnavailable("every worker is gone; restart serve_ray.py", retry_after=30)
+        return alive
 
     def _write_assignment(self, session_id: str, index: int, replace: bool = False) -> int:
         """Record the session's worker; if another replica recorded one first, that one."""
@@ -335,17 +365,36 @@ class RayBackend:
         """The index of the worker holding the session (one is chosen for a session on disk
         that has none yet, e.g. made by a cluster with more workers)."""
         index = self._assigned.get(session_id)
-        if index is not None:
+        if index is not None and index not in self._gone:
             return index
         files = SessionFiles(self.settings.output_dir / session_id)
         if not files.dir.is_dir():
             raise SessionNotFound(f"no session {session_id}; upload a video to start one")
         index = self._read_assignment(files)
-        if index is None:
+        if index is not None and index in self._gone:
+            index = self._move(session_id, files, index)
+        elif index is None:
             stale = files.worker_path.exists()
             index = self._write_assignment(session_id, self._loads()[0][1], replace=stale)
         self._assigned[session_id] = index
         return index
+
+    def _move(self, session_id: str, files: SessionFiles, gone: int) -> int:
+        """Give a session whose worker is gone for good to a live one. The first replica to
+        record the move decides; the others follow that record, so it lands on one worker."""
+        record = files.dir / f"worker-after-{gone}.json"
+        target = self._loads()[0][1]
+        try:
+            fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            target = json.loads(record.read_text())["worker"]
+        else:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"worker": target}, f)
+            logger.warning("session %s: %s is gone, moved to %s", session_id,
+                           worker_name(gone), worker_name(target))
+        self._write_assignment(session_id, target, replace=True)
+        return target
 
     # -- sessions --------------------------------------------------------------------------
     def new_session_id(self) -> str:
@@ -448,6 +497,8 @@ class RayBackend:
     def cleanup_expired(self) -> list[str]:
         closed: list[str] = []
         for index in range(len(self._workers)):
+            if index in self._gone:
+                continue
             try:
                 closed += self._invoke(index, "call", "cleanup_expired",
                                        timeout=HEALTH_TIMEOUT_S * 15)

@@ -104,8 +104,10 @@ def main() -> None:
     settings.check_deployment()
     # Ray's processes import this code by module name, wherever they start.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(address=settings.ray_address, namespace=NAMESPACE, num_cpus=args.num_cpus,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    cluster = ray.init(address=settings.ray_address, namespace=NAMESPACE, num_cpus=args.num_cpus,
+                       runtime_env={"env_vars": {"PYTHONPATH": path}})
+    logger.info("Ray cluster at %s (dashboard: %s)", cluster.address_info["gcs_address"],
+                cluster.dashboard_url or "not running")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -122,9 +124,8 @@ def main() -> None:
             max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
         )(serve.ingress(app_builder(settings))(Ingress))
         serve.run(deployment.bind(), name=APP_NAME, route_prefix="/", blocking=False)
-        logger.info("serving on http://%s:%d with %d workers (Ray dashboard: %s)",
-                    settings.listen_host, settings.port, len(workers),
-                    ray.get_runtime_context().gcs_address)
+        logger.info("serving on http://%s:%d with %d workers", settings.listen_host,
+                    settings.port, len(workers))
         stop.wait()
     finally:
         logger.info("stopping")

@@ -105,10 +105,15 @@ class RayServer(Server):
     ready_lines = ("serving on http",)
 
     def ray_run(self, code: str, timeout: float = 120) -> str:
-        """Run ``code`` in a Ray driver attached to this server's cluster (``ray`` imported,
-        connected to the namespace ``sam2``); its stdout."""
-        script = "import ray\nray.init(address='auto', namespace='sam2', log_to_driver=False)\n"
-        done = subprocess.run([sys.executable, "-c", script + code], cwd=ROOT, env=self.env,
+        """Run ``code`` in a Ray driver attached to this server's cluster (the address it
+        logged; ``ray`` imported, connected to the namespace ``sam2``); its stdout."""
+        address = self.wait_for_log("Ray cluster at ", 0).split("Ray cluster at ")[1].split()[0]
+        script = (f"import ray\nray.init(address={address!r}, namespace='sam2', "
+                  f"log_to_driver=False)\n")
+        env = self.env
+        if any("Token authentication is enabled" in line for line in self.lines):
+            env = env | {"RAY_AUTH_MODE": "token"}  # the cluster's token is in ~/.ray
+        done = subprocess.run([sys.executable, "-c", script + code], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout

@@ -230,3 +230,37 @@ def test_a_killed_worker_loses_no_work(ray_server, http, tmp_path):
     health = workers(http)[holder]
     assert health["status"] == "ok" and health["pid"] != pid  # a new process
     assert http.delete(f"/session/{sid}").status_code == 200
+
+
+def test_a_worker_gone_for_good_hands_its_sessions_over(ray_server, http, tmp_path):
+    """Last in the module: it leaves one worker. A worker killed without restart: its session
+    moves to the other worker, which reopens it from disk with every mask and prompt."""
+    video = make_video(tmp_path / "clip.mp4", num_frames=12)
+    sid = upload(http, video)
+    assert click(http, sid).status_code == 200
+    assert http.post(f"/propagate/{sid}", json={"start_frame": 0, "end_frame": 5}).status_code \
+        == 200
+    before = http.get(f"/session/{sid}").json()
+    holder = before["worker"]
+    masks = ray_server.output_dir / sid / "masks"
+    kept = {p.name: _digest(p) for p in masks.glob("*.png")}
+    assert len(kept) == 6
+    ray_server.ray_run(f"ray.kill(ray.get_actor({holder!r}), no_restart=True)")
+
+    answers = []
+    for _ in range(3):
+        r = click(http, sid, frame_idx=8, points=[[50, 50]], labels=[1], path="refine-mask")
+        answers.append(r.status_code)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+    assert answers[-1] == 200 and len(answers) <= 2, answers
+    after = http.get(f"/session/{sid}").json()
+    assert after["worker"] != holder
+    assert after["current_prompts"]["1"]["0"] == before["current_prompts"]["1"]["0"]
+    for name, digest in kept.items():
+        assert _digest(masks / name) == digest, name
+    r = http.post(f"/propagate/{sid}", json={"start_frame": 8, "end_frame": 11})
+    assert r.status_code == 200 and r.json()["frames_processed"] == 4, r.text
+    assert workers(http)[holder]["status"] == "gone"
+    assert http.delete(f"/session/{sid}").status_code == 200
