@@ -550,3 +550,31 @@ def test_mask_prompt_over_http_png(client, video, reference_predictor):
     ref0 = ref_label_map(m0, obj_ids)
     assert_informative({0: ref0}, obj_ids=(3,))
     assert_same_labels({0: server_mask(session, 0)}, {0: ref0})
+
+
+def test_position_encodings_are_reused_and_never_changed(manager, video, predictor,
+                                                         reference_predictor):
+    """The server hands out one copy of each size-only position encoding
+    (predictor.reuse_position_encodings): after a click and a propagation, each still equals
+    what stock sam2 computes afresh, and the same memory is given each time."""
+    from sam2.modeling.position_encoding import PositionEmbeddingSine
+
+    sid, session = open_session(manager, video)
+    manager.add_prompt(sid, 0, 1, points=POS_POINTS, labels=POS_LABELS)
+    manager.propagate(sid, 0, session.info.num_frames - 1)
+    trunk, ref_trunk = predictor.image_encoder.trunk, reference_predictor.image_encoder.trunk
+    side = predictor.image_size // 4  # Hiera's patch grid
+    with torch.inference_mode():
+        first = trunk._get_pos_embed((side, side))
+        assert first is trunk._get_pos_embed((side, side))
+        assert torch.equal(first, ref_trunk._get_pos_embed((side, side)))
+        ours = [m for m in predictor.modules() if isinstance(m, PositionEmbeddingSine)]
+        stock = [m for m in reference_predictor.modules() if isinstance(m, PositionEmbeddingSine)]
+        assert len(ours) == len(stock) and any(m.cache for m in ours)
+        for mine, theirs in zip(ours, stock, strict=True):
+            for key in mine.cache:
+                reused = mine._pe(1, torch.device("cpu"), *key)
+                again = mine._pe(1, torch.device("cpu"), *key)
+                assert reused.data_ptr() == again.data_ptr()  # no copy
+                fresh = theirs._pe(1, torch.device("cpu"), *key)
+                assert torch.equal(reused, fresh), key
