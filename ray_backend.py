@@ -49,7 +49,10 @@ logger = logging.getLogger(__name__)
 FLUSH_TIMEOUT_S = 5.0   # a reader waits this long for a worker's write in flight, then reads
 HEALTH_TIMEOUT_S = 2.0
 HEALTH_INTERVAL_S = 1.0
-VIEWS_KEPT = 4096
+# Worker calls that only read or wait: safe to run again, so after a worker died they wait for
+# its restart instead of failing (model calls are not retried: a click must not apply twice).
+RETRIED = frozenset({"job", "wait_job", "describe", "wait_frame", "flush_frame", "cancel_job"})
+VIEWS_KEPT = 4096  # sessions (and jobs) an ingress remembers; the rest are read from disk
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -187,10 +190,11 @@ class RayBackend:
         self._workers = [ray.get_actor(worker_name(i), namespace=NAMESPACE) for i in range(n)]
         self._health: list[dict | None] = [None] * n
         self._gone: set[int] = set()  # workers dead for good (killed without restart)
+        self._restarting: set[int] = set()  # seen dying: model calls wait for them first
         self._health_changed = threading.Event()
         self._views: OrderedDict[str, Session] = OrderedDict()
         self._assigned: dict[str, int] = {}
-        self._job_sessions: dict[str, str] = {}
+        self._job_sessions: OrderedDict[str, str] = OrderedDict()  # recent job -> session
         self._lock = threading.Lock()
         self._monitor: threading.Thread | None = None
         # Each model call holds an ingress thread while a worker runs it.
@@ -215,7 +219,10 @@ class RayBackend:
         for i, ref in enumerate(refs):
             try:
                 self._health[i] = ray.get(ref, timeout=HEALTH_TIMEOUT_S)
+                self._restarting.discard(i)
             except (GetTimeoutError, RayActorError) as exc:
+                if isinstance(exc, RayActorError):
+                    self._restarting.add(i)
                 if isinstance(exc, RayActorError) and self._is_gone(i):
                     self._health[i] = {"worker": worker_name(i), "status": "gone",
                                        "model_status": "gone", "sessions": 0,
@@ -277,8 +284,23 @@ class RayBackend:
             return True
         return False
 
+    def _submit(self, index: int, method: str, args: tuple, kwargs: dict):
+        handle = getattr(self._workers[index], method)
+        if method in RETRIED:
+            handle = handle.options(max_task_retries=-1)
+        elif index in self._restarting:  # a model call: once the worker is back
+            try:
+                ray.get(self._workers[index].health.options(max_task_retries=-1).remote(),
+                        timeout=self.settings.ray_call_timeout_s)
+            except (RayActorError, GetTimeoutError) as exc:
+                raise self._unavailable(index, exc) from None
+            self._restarting.discard(index)
+        return handle.remote(*args, **kwargs)
+
     def _unavailable(self, index: int, exc: BaseException) -> WorkerUnavailable:
         logger.warning("%s: %s", worker_name(index), type(exc).__name__)
+        if isinstance(exc, RayActorError):
+            self._restarting.add(index)
         if isinstance(exc, RayActorError) and self._is_gone(index):
             return WorkerUnavailable(
                 f"{worker_name(index)}, which held this session, is gone; the session moves to "
@@ -288,7 +310,7 @@ class RayBackend:
             f"it is restarting and reopens the session from disk: try again", retry_after=5)
 
     def _invoke(self, index: int, method: str, *args, timeout: float | None = None, **kwargs):
-        ref = getattr(self._workers[index], method).remote(*args, **kwargs)
+        ref = self._submit(index, method, args, kwargs)
         try:
             status, value = ray.get(ref, timeout=timeout or self.settings.ray_call_timeout_s)
         except (RayActorError, GetTimeoutError) as exc:
@@ -303,9 +325,9 @@ class RayBackend:
 
     async def call_worker_async(self, session_id: str, method: str, *args,
                                 timeout: float | None = None, **kwargs):
-        index = await asyncio.get_running_loop().run_in_executor(None, self.worker_of,
-                                                                 session_id)
-        ref = getattr(self._workers[index], method).remote(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        index = await loop.run_in_executor(None, self.worker_of, session_id)
+        ref = await loop.run_in_executor(None, self._submit, index, method, args, kwargs)
         try:
             status, value = await asyncio.wait_for(
                 ref, timeout or self.settings.ray_call_timeout_s)
@@ -531,9 +553,15 @@ class RayBackend:
         return self._call(session_id, "export", session_id, fmt, start_frame, end_frame,
                           polygons)
 
+    def _remember_job(self, job_id: str, session_id: str) -> None:
+        with self._lock:
+            self._job_sessions[job_id] = session_id
+            while len(self._job_sessions) > VIEWS_KEPT:  # older ones are found on disk
+                self._job_sessions.popitem(last=False)
+
     def _started(self, session_id: str, started: tuple[int, dict]) -> RemoteJob:
         version, snapshot = started
-        self._job_sessions[snapshot["job_id"]] = session_id
+        self._remember_job(snapshot["job_id"], session_id)
         return RemoteJob(self, session_id, version, snapshot)
 
     def start_propagation_job(self, session_id: str, **kwargs) -> RemoteJob:
@@ -557,7 +585,7 @@ class RayBackend:
         exists, owner = self.store.stored_owner(session_id)
         if not (exists and caller.may_access(owner)):
             raise JobNotFound(f"no job {job_id}")
-        self._job_sessions[job_id] = session_id
+        self._remember_job(job_id, session_id)
         version, snapshot = self.call_worker(session_id, "job", job_id, session_id)
         return RemoteJob(self, session_id, version, snapshot)
 

@@ -127,14 +127,19 @@ class Session(SessionFiles):
     def has_prompts(self) -> bool:
         return any(self.prompts.values())
 
-    def wait_for_write(self, frame_idx: int) -> None:
-        """Return once the frame's mask and overlay files are written (re-raising a failure)."""
+    def needed_write(self, frame_idx: int) -> Future | None:
+        """The frame's write still in flight, if any, started now if it was waiting."""
         with self.meta_lock:
             future = self.pending_writes.get(frame_idx)
+        expedite = getattr(future, "expedite", None)
+        if expedite is not None:  # a click's write, not started yet: needed now
+            expedite()
+        return future
+
+    def wait_for_write(self, frame_idx: int) -> None:
+        """Return once the frame's mask and overlay files are written (re-raising a failure)."""
+        future = self.needed_write(frame_idx)
         if future is not None:
-            expedite = getattr(future, "expedite", None)
-            if expedite is not None:  # a click's write, not started yet: needed now
-                expedite()
             try:
                 future.result()  # a failed write is reported once; then the earlier file serves
             finally:
@@ -503,12 +508,8 @@ class SessionStore:
         return self._existing_frame(session, path, frame_idx)
 
     async def _await_write(self, session: Session, frame_idx: int) -> None:
-        with session.meta_lock:
-            future = session.pending_writes.get(frame_idx)
+        future = session.needed_write(frame_idx)
         if future is not None:
-            expedite = getattr(future, "expedite", None)
-            if expedite is not None:  # a click's write, not started yet: needed now
-                expedite()
             try:
                 await asyncio.wrap_future(future)
             finally:
