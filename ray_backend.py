@@ -63,6 +63,20 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+def _record_once(path: Path, index: int) -> int:
+    """Write ``{"worker": index}`` at ``path`` unless a record is there already; the index the
+    record holds. The file appears whole (linked into place), so a reader never sees it empty."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps({"worker": index}))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return json.loads(path.read_text())["worker"]
+    finally:
+        tmp.unlink(missing_ok=True)
+    return index
+
+
 class SharedStore(SessionStore):
     """The sessions' folders as an ingress reads them: no live state here, so what is still in
     flight is asked of the session's worker."""
@@ -368,13 +382,7 @@ class RayBackend:
         if replace:
             atomic_write_bytes(files.worker_path, json.dumps({"worker": index}).encode())
             return index
-        try:
-            fd = os.open(files.worker_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return self._read_assignment(files) or index
-        with os.fdopen(fd, "w") as f:
-            json.dump({"worker": index}, f)
-        return index
+        return _record_once(files.worker_path, index)
 
     def _read_assignment(self, files: SessionFiles) -> int | None:
         try:
@@ -404,17 +412,9 @@ class RayBackend:
     def _move(self, session_id: str, files: SessionFiles, gone: int) -> int:
         """Give a session whose worker is gone for good to a live one. The first replica to
         record the move decides; the others follow that record, so it lands on one worker."""
-        record = files.dir / f"worker-after-{gone}.json"
-        target = self._loads()[0][1]
-        try:
-            fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            target = json.loads(record.read_text())["worker"]
-        else:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"worker": target}, f)
-            logger.warning("session %s: %s is gone, moved to %s", session_id,
-                           worker_name(gone), worker_name(target))
+        target = _record_once(files.dir / f"worker-after-{gone}.json", self._loads()[0][1])
+        logger.warning("session %s: %s is gone, moved to %s", session_id, worker_name(gone),
+                       worker_name(target))
         self._write_assignment(session_id, target, replace=True)
         return target
 

@@ -8,6 +8,7 @@ store, in whatever process serves it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -478,34 +479,37 @@ class SessionStore:
         """Path of the frame's JPEG, waiting while the background decoder gets there."""
         self.check_frame(session, frame_idx)
         timeout = self.settings.frame_wait_timeout_s
-        try:
+        with self._frame_wait():
             try:
                 path = session.extractor.wait_for(frame_idx, timeout)
             except ExtractorStopped:  # closed meanwhile: it reopens, or is gone (404)
                 session = self.reopen(session.id)
                 path = session.extractor.wait_for(frame_idx, timeout)
-        except TimeoutError as exc:
-            raise FrameNotReady(f"{exc}; try again shortly", retry_after=2) from exc
-        except (RuntimeError, ExtractorStopped) as exc:
-            raise VideoInvalid(str(exc)) from exc
         return self._existing_frame(session, path, frame_idx)
 
     async def frame_file(self, session: Session, frame_idx: int) -> Path:
         """``frame_path`` for a request handler: waits for the decoder without a thread."""
         self.check_frame(session, frame_idx)
         timeout = self.settings.frame_wait_timeout_s
-        try:
+        with self._frame_wait():
             try:
                 path = await session.extractor.wait_for_async(frame_idx, timeout)
             except ExtractorStopped:  # closed meanwhile: it reopens, or is gone (404)
                 session = await asyncio.get_running_loop().run_in_executor(
                     None, self.reopen, session.id)
                 path = await session.extractor.wait_for_async(frame_idx, timeout)
+        return self._existing_frame(session, path, frame_idx)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _frame_wait():
+        """What a wait for the background decoder can end in, as the client's errors."""
+        try:
+            yield
         except TimeoutError as exc:
             raise FrameNotReady(f"{exc}; try again shortly", retry_after=2) from exc
         except (RuntimeError, ExtractorStopped) as exc:
             raise VideoInvalid(str(exc)) from exc
-        return self._existing_frame(session, path, frame_idx)
 
     async def _await_write(self, session: Session, frame_idx: int) -> None:
         future = session.needed_write(frame_idx)
