@@ -9,9 +9,12 @@
 #   tiny1080-300   tiny, 1920x1080, 300 frames, 3 objects, Meta vs ours
 #   tiny1080-3000  tiny, 1920x1080, 3000 frames, ours only (Meta's init_state needs ~36 GB of frames)
 #   large1080-300  large, 1920x1080, 300 frames, 1 object, Meta vs ours
+#   tiny1080-150, large1080-150   the same, 150 frames (a short device lease)
 #   tiny720-300    tiny, 1280x720, 300 frames, Meta vs ours
 #   large720-300   large, 1280x720, 300 frames, Meta vs ours
 #   first-mask     upload -> first mask over HTTP, 300 and 3000 frames (bench/first_mask.py)
+#   fidelity       our masks vs Meta's predictor on CUDA, per CUDA setting (bench/gpu_profile.py)
+#   profile-tiny1080, profile-large1080   GPU time per frame by model stage, kernels, syncs
 # BENCH_ARGS / FIRST_MASK_ARGS are appended to a cell's flags (later flags win), e.g. for a dry
 # run on a CPU: BENCH_ARGS="--width 160 --height 120 --frames 5 --image-size 256".
 set -euo pipefail
@@ -25,7 +28,7 @@ WHEELS=(
   pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5
   uvicorn==0.54.0 python-multipart==0.0.34 hydra-core==1.3.8 omegaconf==2.3.1
   antlr4-python3-runtime==4.9.3 iopath==0.1.10 av==18.1.0 typing_extensions==4.16.0
-  opentelemetry-api==1.45.2
+  opentelemetry-api==1.45.2 pycocotools==2.0.11 fastapi-offline==1.7.7
 )
 
 wheels() {
@@ -64,11 +67,23 @@ cell() {
       tiny1080-300)  args="--model tiny --width 1920 --height 1080 --frames 300 --objects 3" ;;
       tiny1080-3000) args="--model tiny --width 1920 --height 1080 --frames 3000 --skip-meta" ;;
       large1080-300) args="--model large --width 1920 --height 1080 --frames 300" ;;
+      tiny1080-150)  args="--model tiny --width 1920 --height 1080 --frames 150 --objects 3" ;;
+      large1080-150) args="--model large --width 1920 --height 1080 --frames 150" ;;
       tiny720-300)   args="--model tiny --width 1280 --height 720 --frames 300" ;;
       large720-300)  args="--model large --width 1280 --height 720 --frames 300" ;;
       first-mask)
         python3 bench/first_mask.py --frames 300,3000 --width 1920 --height 1080 ${FIRST_MASK_ARGS:-} \
           2>&1 | tee "$out/$name.txt"
+        continue ;;
+      fidelity|profile-tiny1080|profile-large1080)
+        case "$name" in
+          fidelity) args="fidelity --frames 40 --objects 2" ;;
+          profile-tiny1080) args="profile --model tiny --width 1920 --height 1080 --frames 60 --repeats 2" ;;
+          profile-large1080) args="profile --model large --width 1920 --height 1080 --frames 60" ;;
+        esac
+        # shellcheck disable=SC2086
+        python3 bench/gpu_profile.py $args ${PROFILE_ARGS:-} --out "$out" --name "$name" 2>&1 \
+          | grep -v '^USDT:' | tee "$out/$name.log"
         continue ;;
       *) echo "unknown cell $name" >&2; exit 2 ;;
     esac
