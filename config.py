@@ -63,10 +63,12 @@ class Settings(BaseSettings):
     )
 
     frame_resize: Literal["auto", "exact", "device"] = Field(
-        "auto", description="exact: PIL as sam2 (identical masks); device: resize on the model's "
-                            "device (auto: device with CUDA)")
+        "exact", description="exact: PIL as sam2 (identical masks; normalised on the GPU with "
+                             "CUDA); device: OpenCV decode and resize on the model's device "
+                             "(masks differ); auto: the same as exact")
     batch_objects: Literal["auto", "on", "off"] = Field(
-        "auto", description="Track objects whose memories line up as one batch (auto: on CUDA)")
+        "off", description="on: track objects whose memories line up as one batch (masks differ "
+                           "from Meta's in bf16 on CUDA); auto: the same as off")
     warm_up: bool = Field(
         True, description="Run each kind of model call once at start-up, behind /health = 503, "
                           "so the first user click does not pay for CUDA set-up")

@@ -233,8 +233,7 @@ class Engine:
             if s.torch_threads:
                 torch.set_num_threads(s.torch_threads)
             t0 = time.perf_counter()
-            batch = s.batch_objects == "on" or (s.batch_objects == "auto"
-                                                and device.type == "cuda")
+            batch = s.batch_objects == "on"
             self.predictor = build_predictor(
                 s.model_config_file, path, device, s.image_size, s.fill_hole_area, batch)
             self.store.model_image_size = self.predictor.image_size
@@ -540,11 +539,12 @@ class Engine:
     def _state(self, session: Session) -> dict:
         predictor = self._require_model()
         if session.state is None:
-            fast = self.settings.frame_resize == "device" or (
-                self.settings.frame_resize == "auto" and predictor.device.type == "cuda")
+            fast = self.settings.frame_resize == "device"
             images = LazyFrames(session.info.num_frames, predictor.image_size,
                                 lambda i: self.store.frame_path(session, i), self._prefetcher,
-                                resize_on=predictor.device if fast else None)
+                                resize_on=predictor.device if fast else None,
+                                normalise_on=predictor.device
+                                if predictor.device.type == "cuda" else None)
             shutil.rmtree(session.state_dir, ignore_errors=True)
             state = new_inference_state(
                 predictor, images, session.info.height, session.info.width,

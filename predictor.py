@@ -127,8 +127,13 @@ class TrackingPredictor(SAM2VideoPredictor):
             yield frame_idx, obj_ids, video_res_masks
 
     def _memory_window(self, frame_idx: int, reverse: bool) -> list[int]:
-        reach = max(self.num_maskmem * self.memory_temporal_stride_for_eval,
-                    self.max_obj_ptrs_in_encoder)
+        # The tracked frames sam2 reads for this frame: memories from the last num_maskmem - 1
+        # (further back with a stride), object pointers from the last max_obj_ptrs - 1. No
+        # more: with the window of SAM2_STATE_WINDOW (16) frames in memory, one frame too many
+        # would read an entry back from disk for every object on every frame.
+        stride = self.memory_temporal_stride_for_eval
+        reach = max(self.num_maskmem * stride if stride > 1 else self.num_maskmem - 1,
+                    self.max_obj_ptrs_in_encoder - 1)
         step = 1 if reverse else -1
         return [frame_idx + step * d for d in range(1, reach + 1)]
 
@@ -254,16 +259,22 @@ class LazyFrames:
 
     def __init__(self, num_frames: int, image_size: int, frame_path: Callable[[int], Path],
                  prefetcher: Executor | None = None, depth: int = 3,
-                 resize_on: torch.device | None = None):
+                 resize_on: torch.device | None = None, normalise_on: torch.device | None = None):
         self.num_frames = num_frames
         self.image_size = image_size
         self.frame_path = frame_path
         # None: PIL, exactly as sam2 (bit-identical masks). A device: OpenCV decode, then a
-        # bicubic antialiased resize there (within 2/255 of PIL; much cheaper on a GPU).
+        # bicubic antialiased resize there (within 2/255 of PIL; no PIL resize on the host).
         self.resize_on = resize_on
-        device = resize_on or torch.device("cpu")
+        # With exact frames and ``normalise_on`` (a CUDA model): the PIL-resized uint8 frame
+        # goes there (a quarter of the float32 bytes, from pinned memory, without a sync) and is
+        # made float and normalised there, by the same IEEE float32 operations: the same values.
+        self.upload_to = normalise_on if resize_on is None else None
+        device = resize_on or self.upload_to or torch.device("cpu")
         self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32, device=device)[:, None, None]
         self._std = torch.tensor(IMG_STD, dtype=torch.float32, device=device)[:, None, None]
+        # sam2 divides the uint8 frame by 255 in float64, then stores float32: 256 values.
+        self._unit = torch.from_numpy((np.arange(256) / 255.0).astype(np.float32)).to(device)
         self._mean_np = np.array(IMG_MEAN, dtype=np.float32)[:, None, None]
         self._std_np = np.array(IMG_STD, dtype=np.float32)[:, None, None]
         self._prefetcher = prefetcher
@@ -292,6 +303,8 @@ class LazyFrames:
             # IEEE float32 operations in numpy as in torch, so the same values).
             with Image.open(self.frame_path(frame_idx)) as img:
                 rgb = np.array(img.convert("RGB").resize((self.image_size, self.image_size)))
+            if self.upload_to is not None:
+                return np.ascontiguousarray(rgb.transpose(2, 0, 1))
             chw = np.ascontiguousarray((rgb / 255.0).astype(np.float32).transpose(2, 0, 1))
             chw -= self._mean_np
             chw /= self._std_np
@@ -301,7 +314,19 @@ class LazyFrames:
         if self.resize_on is not None:
             with STAGES("frame_normalise"):
                 return self._resize_on_device(array)
+        if self.upload_to is not None:
+            with STAGES("frame_normalise"):
+                return self._normalise_on_device(array)
         return torch.from_numpy(array)
+
+    def _normalise_on_device(self, rgb_chw: np.ndarray) -> torch.Tensor:
+        rgb = torch.from_numpy(rgb_chw)
+        if self.upload_to.type == "cuda":
+            rgb = rgb.pin_memory().to(self.upload_to, non_blocking=True)
+        img = self._unit[rgb.long()]
+        img -= self._mean
+        img /= self._std
+        return img
 
     def _resize_on_device(self, rgb_chw: np.ndarray) -> torch.Tensor:
         rgb = torch.from_numpy(rgb_chw)[None]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -20,15 +21,34 @@ import torch
 from timing import STAGES
 
 _MISSING = object()
+_writer: ThreadPoolExecutor | None = None
+_writer_lock = threading.Lock()
+
+
+def _spill_writer() -> ThreadPoolExecutor:
+    """One thread per process writing spilled entries whose tensors live on a GPU."""
+    global _writer
+    with _writer_lock:
+        if _writer is None:
+            _writer = ThreadPoolExecutor(1, thread_name_prefix="state-spill")
+        return _writer
 
 
 class SpillingFrameOutputs(MutableMapping):
-    """frame_idx -> output dict; at most ``keep`` entries in memory, the others in ``folder``."""
+    """frame_idx -> output dict; at most ``keep`` entries in memory, the others in ``folder``.
 
+    An entry on a GPU is spilled without stalling tracking: its tensors are copied to pinned
+    host memory in stream order (no sync) and written by a background thread. Until its file is
+    written, the entry itself stays at hand (at most ``IN_FLIGHT`` of them), and reading it back
+    returns it as it was, without waiting for the disk.
+    """
+
+    IN_FLIGHT = 8
     _counter = 0
     _counter_lock = threading.Lock()
 
-    def __init__(self, folder: Path, keep: int, pos_enc: Callable[[], list | None]):
+    def __init__(self, folder: Path, keep: int, pos_enc: Callable[[], list | None],
+                 background: bool | None = None):
         with self._counter_lock:
             SpillingFrameOutputs._counter += 1
             uid = SpillingFrameOutputs._counter
@@ -37,6 +57,10 @@ class SpillingFrameOutputs(MutableMapping):
         self._pos_enc = pos_enc  # maskmem_pos_enc is a shared constant: not stored per frame
         self._mem: OrderedDict[int, dict] = OrderedDict()
         self._disk: set[int] = set()
+        # None: in the background when an entry's tensors are on a GPU (where a copy to the host
+        # would otherwise wait for all queued GPU work); True/False: always/never.
+        self.background = background
+        self._writing: OrderedDict[int, tuple[dict, Future]] = OrderedDict()
         self.loads = 0
         self.spills = 0
 
@@ -48,7 +72,9 @@ class SpillingFrameOutputs(MutableMapping):
             return out
         if frame_idx not in self._disk:
             raise KeyError(frame_idx)
-        out = self._load(frame_idx)
+        out = self._settle(frame_idx)
+        if out is None:
+            out = self._load(frame_idx)
         self._disk.discard(frame_idx)
         self._path(frame_idx).unlink(missing_ok=True)
         self._mem[frame_idx] = out
@@ -57,6 +83,7 @@ class SpillingFrameOutputs(MutableMapping):
 
     def __setitem__(self, frame_idx: int, out: dict) -> None:
         if frame_idx in self._disk:
+            self._settle(frame_idx)
             self._disk.discard(frame_idx)
             self._path(frame_idx).unlink(missing_ok=True)
         self._mem[frame_idx] = out
@@ -64,13 +91,14 @@ class SpillingFrameOutputs(MutableMapping):
         self._evict()
 
     def __delitem__(self, frame_idx: int) -> None:
-        if self._mem.pop(frame_idx, None) is not None:
-            return
         if frame_idx in self._disk:
+            self._settle(frame_idx)
+            self._mem.pop(frame_idx, None)  # where a failed write left it
             self._disk.discard(frame_idx)
             self._path(frame_idx).unlink(missing_ok=True)
             return
-        raise KeyError(frame_idx)
+        if self._mem.pop(frame_idx, None) is None:
+            raise KeyError(frame_idx)
 
     def __contains__(self, frame_idx: object) -> bool:
         return frame_idx in self._mem or frame_idx in self._disk
@@ -94,6 +122,8 @@ class SpillingFrameOutputs(MutableMapping):
         return default
 
     def clear(self) -> None:
+        for frame_idx in list(self._writing):
+            self._settle(frame_idx)
         self._mem.clear()
         for frame_idx in self._disk:
             self._path(frame_idx).unlink(missing_ok=True)
@@ -119,26 +149,66 @@ class SpillingFrameOutputs(MutableMapping):
 
     def _save(self, frame_idx: int, out: dict) -> None:
         with STAGES("state_spill"):
-            self._save_now(frame_idx, out)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            packed, on_gpu = self._pack(out)
+            self.spills += 1
+            if not (self.background if self.background is not None else on_gpu):
+                self._write(frame_idx, packed, None)
+                return
+            done = None
+            if on_gpu:
+                done = torch.cuda.Event()
+                done.record()
+            future = _spill_writer().submit(self._write, frame_idx, packed, done)
+            self._writing[frame_idx] = (out, future)
+            for f in [f for f, (_, fut) in self._writing.items() if fut.done()]:
+                self._settle(f, quiet=False)  # written: forget the entry, or raise its error
+            while len(self._writing) > self.IN_FLIGHT:
+                self._settle(next(iter(self._writing)), quiet=False)
 
-    def _save_now(self, frame_idx: int, out: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        device = None
+    def _pack(self, out: dict) -> tuple[dict, bool]:
+        device, on_gpu = None, False
         packed = {}
         for key, value in out.items():
             if key == "maskmem_pos_enc":
                 continue
             if isinstance(value, torch.Tensor):
                 device = value.device
-                # clone: a slice of a batched output would otherwise save the whole batch.
-                packed[key] = value.detach().to("cpu").clone()
+                if value.device.type == "cuda":
+                    # Into pinned memory, queued behind the work that made it: no sync here.
+                    packed[key] = value.detach().to("cpu", non_blocking=True)
+                    on_gpu = True
+                else:
+                    # clone: a slice of a batched output would otherwise save the whole batch.
+                    packed[key] = value.detach().clone()
             else:
                 packed[key] = value
         packed["_device"] = str(device) if device is not None else None
+        return packed, on_gpu
+
+    def _write(self, frame_idx: int, packed: dict, done) -> None:
+        if done is not None:
+            done.synchronize()  # the copies to the host have landed
         tmp = self._path(frame_idx).with_suffix(".tmp")
-        torch.save(packed, tmp)
+        torch.save(packed, tmp)  # no mkdir here: a session deleted meanwhile stays deleted
         tmp.replace(self._path(frame_idx))
-        self.spills += 1
+
+    def _settle(self, frame_idx: int, quiet: bool = True) -> dict | None:
+        """If ``frame_idx`` is being written in the background: wait for its file, and return
+        the entry as it was when spilled (what a load would give back, bit for bit). A failed
+        write (a full disk) leaves the entry in memory; ``quiet=False`` raises its error."""
+        item = self._writing.pop(frame_idx, None)
+        if item is None:
+            return None
+        out, future = item
+        try:
+            future.result()
+        except Exception:
+            self._disk.discard(frame_idx)
+            self._mem[frame_idx] = out
+            if not quiet:
+                raise
+        return out
 
     def _load(self, frame_idx: int) -> dict:
         with STAGES("state_load"):

@@ -66,3 +66,31 @@ def test_batched_objects_match_one_by_one(managers, tmp_path, layout):
         for obj, score in plain_scores[str(f)].items():
             assert batched_scores[str(f)][obj]["object_score"] == pytest.approx(
                 score["object_score"], abs=1e-3)
+
+
+def test_batched_tracking_reads_nothing_back_from_disk(settings, checkpoint, tmp_path):
+    """A forward propagation in batches reads, per frame, only the tracked frames sam2 uses
+    (15 object pointers, 6 memories), all within the default window of 16 kept in memory: no
+    entry is loaded back from disk (one frame too many made it load one per object per frame)."""
+    import torch
+
+    from predictor import build_predictor
+    from sam2_manager import SAM2Manager
+    from state_store import SpillingFrameOutputs
+
+    predictor = build_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", checkpoint,
+                                torch.device("cpu"), 256, 0, batch_objects=True)
+    mgr = SAM2Manager(settings.model_copy(update={"state_window": 16}), predictor=predictor)
+    try:
+        n = 22
+        sid, session = _session(mgr, make_video(tmp_path / "v.mp4", num_frames=n))
+        mgr.add_prompt(sid, 0, 1, points=[[45, 55]], labels=[1])
+        mgr.add_prompt(sid, 0, 2, points=[[120, 80]], labels=[1])
+        mgr.propagate(sid, 0, n - 1)
+        stores = [out["non_cond_frame_outputs"]
+                  for out in session.state["output_dict_per_obj"].values()]
+        assert all(isinstance(s, SpillingFrameOutputs) for s in stores)
+        assert all(s.spills > 0 for s in stores)  # the window was exceeded ...
+        assert [s.loads for s in stores] == [0, 0]  # ... and nothing came back
+    finally:
+        mgr.shutdown()

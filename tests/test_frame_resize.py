@@ -1,4 +1,5 @@
-"""The device-resize frame path (default with CUDA) stays within a stated tolerance of sam2's."""
+"""Frame paths: the device-resize one stays within a stated tolerance of sam2's; the exact one
+normalised on the model's device (CUDA) gives sam2's values bit for bit."""
 
 from __future__ import annotations
 
@@ -30,6 +31,33 @@ def test_model_inputs_close_to_pil(tmp_path, manager, video):
         diff = ((exact[i] - fast[i]) * std).abs()  # back in 0..1 units
         assert diff.max().item() <= PIXEL_TOLERANCE + 1e-6, i
         assert fast[i].shape == exact[i].shape and fast[i].dtype == torch.float32
+
+
+def test_exact_frames_normalised_on_device_are_bit_identical(tmp_path):
+    """With CUDA, exact frames are uploaded as uint8 and normalised there (a 256-entry table of
+    x / 255 in float64 rounded to float32, then the float32 subtract and divide). Here the
+    "device" is the CPU: the same operations must give sam2's numbers exactly, on random
+    frames of every byte value."""
+    import numpy as np
+    from PIL import Image
+    from sam2.utils.misc import load_video_frames_from_jpg_images
+
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i:05d}.jpg", quality=90)
+    frames = lambda i: tmp_path / f"{i:05d}.jpg"  # noqa: E731
+    on_device = LazyFrames(3, 256, frames, normalise_on=torch.device("cpu"))
+    assert on_device.upload_to is not None
+    raw = on_device._read(0)
+    assert raw.dtype == np.uint8  # what crosses to the GPU: a quarter of float32's bytes
+    ref, _, _ = load_video_frames_from_jpg_images(str(tmp_path), 256, offload_video_to_cpu=True,
+                                                  compute_device=torch.device("cpu"))
+    for i in range(3):
+        mine = on_device[i]
+        assert mine.dtype == torch.float32
+        assert torch.equal(mine, ref[i]), i
+        assert torch.equal(mine, LazyFrames(3, 256, frames)[i]), i
 
 
 def test_masks_within_tolerance(settings, predictor, tmp_path):

@@ -113,6 +113,56 @@ def test_mapping_round_trip_is_exact(tmp_path):
         store[0]
 
 
+def _entries(pos, n):
+    return {i: {"maskmem_features": torch.randn(1, 4, 2, 2).to(torch.bfloat16),
+                "maskmem_pos_enc": [pos[0].expand(1, -1, -1, -1)],
+                "pred_masks": torch.randn(1, 1, 8, 8), "obj_ptr": torch.randn(1, 16),
+                "object_score_logits": torch.randn(1, 1), "iou": torch.rand(1)}
+            for i in range(n)}
+
+
+def test_background_spills_round_trip_exactly(tmp_path):
+    """The GPU path (spilled by a background thread), driven here with CPU tensors: every entry
+    reads back bit for bit, whether its file was still being written or already on disk, and
+    no write outlives a delete or a clear."""
+    pos = [torch.randn(1, 4, 2, 2)]
+    store = SpillingFrameOutputs(tmp_path, keep=2, pos_enc=lambda: pos, background=True)
+    outs = _entries(pos, 30)
+    for i, out in outs.items():
+        store[i] = out
+    assert store.spills == 28 and len(store._writing) <= store.IN_FLIGHT
+    assert len(store) == 30 and store.in_memory == 2
+    for i in (29, 27, 3, 0, 15):  # in memory, just spilled, long written, ...
+        back = store[i]
+        for key in ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits", "iou"):
+            assert torch.equal(back[key], outs[i][key]) and back[key].dtype == outs[i][key].dtype
+    del store[20]
+    assert 20 not in store
+    store.clear()
+    assert len(store) == 0 and not store._writing
+    assert not list(store.folder.glob("*.pt")) and not list(store.folder.glob("*.tmp"))
+
+
+def test_failed_background_spill_keeps_the_entry(tmp_path):
+    """A spill that cannot be written (its folder gone, a full disk) loses nothing: the entry
+    is still there, and the next spill reports the error to the tracking thread."""
+    pos = [torch.randn(1, 4, 2, 2)]
+    store = SpillingFrameOutputs(tmp_path, keep=1, pos_enc=lambda: pos, background=True)
+    outs = _entries(pos, 3)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    store._write = full_disk
+    store[0] = outs[0]
+    store[1] = outs[1]  # spills 0 in the background: its write fails
+    assert torch.equal(store[0]["obj_ptr"], outs[0]["obj_ptr"])  # read back all the same
+    with pytest.raises(OSError, match="No space"):  # spilling 1, ... fails in turn: the
+        for k in range(100):  # error surfaces at a later spill (at most IN_FLIGHT later)
+            store[2 + k] = outs[k % 3]
+    assert torch.equal(store[1]["obj_ptr"], outs[1]["obj_ptr"])
+
+
 def test_reset_and_close_remove_spilled_files(small_window_manager, tmp_path):
     mgr = small_window_manager
     video = make_video(tmp_path / "v.mp4", num_frames=8)
