@@ -302,7 +302,9 @@ class LazyFrames:
             # init_state stores it; channels first, normalised as init_state does (the same
             # IEEE float32 operations in numpy as in torch, so the same values).
             with Image.open(self.frame_path(frame_idx)) as img:
-                rgb = np.array(img.convert("RGB").resize((self.image_size, self.image_size)))
+                if img.mode != "RGB":  # our JPEGs are RGB already: no copy of the frame
+                    img = img.convert("RGB")
+                rgb = np.asarray(img.resize((self.image_size, self.image_size)))
             if self.upload_to is not None:
                 return np.ascontiguousarray(rgb.transpose(2, 0, 1))
             chw = np.ascontiguousarray((rgb / 255.0).astype(np.float32).transpose(2, 0, 1))
