@@ -135,7 +135,9 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="torch intra-op threads for the model (0: torch's default, "
                                      "one per core)")
     prefetch_threads: int = Field(
-        0, ge=0, le=64, description="Threads preparing upcoming frames (0: from the CPU count)")
+        0, ge=0, le=64, description="Threads preparing upcoming frames (0: from the CPU count "
+                                    "with a GPU; none with the model on the CPU, where each frame "
+                                    "is prepared when the model asks for it)")
 
     # -- Ray mode (python serve_ray.py); the single process ignores these
     ray_address: str | None = Field(

@@ -82,3 +82,26 @@ def test_masks_within_tolerance(settings, predictor, tmp_path):
     for f in range(n):
         differing = float((masks[0][f] != masks[1][f]).mean())
         assert differing <= MASK_TOLERANCE, f"frame {f}: {differing:.3%} of pixels differ"
+
+
+def test_frames_prefetched_only_beside_a_gpu_by_default(settings, predictor, video, tmp_path):
+    """With the model on the CPU, frames are prepared when the model asks (no prefetch threads
+    competing with torch's); SAM2_PREFETCH_THREADS > 0 turns prefetching back on."""
+    from sam2_manager import SAM2Manager
+
+    for threads, expect_prefetch in ((0, False), (2, True)):
+        mgr = SAM2Manager(settings.model_copy(update={
+            "prefetch_threads": threads, "output_dir": tmp_path / str(threads)}),
+            predictor=predictor)
+        try:
+            sid = mgr.new_session_id()
+            path = mgr.store.upload_path_for(sid, "v.mp4")
+            shutil.copy(video, path)
+            session = mgr.create_session(sid, path, "v.mp4")
+            mgr.add_prompt(sid, 0, 1, points=[[45, 55]], labels=[1])
+            images = session.state["images"]
+            assert (images._prefetcher is not None) == expect_prefetch
+            mgr.propagate(sid, 0, 3)
+            assert bool(images._pending) == expect_prefetch  # frames 4.. ahead, or none
+        finally:
+            mgr.shutdown()
