@@ -46,6 +46,7 @@ from errors import (
 from jobs import Job, JobCancelled, JobRunner, Progress
 from layout import is_session_id
 from predictor import LazyFrames, build_predictor, new_inference_state, resolve_device, warm_up
+from state_store import finish_spills
 from store import PromptRecord, Session, SessionStore
 from timing import STAGES
 from video_io import write_png
@@ -116,6 +117,7 @@ class Engine:
     def _finish_close(self, session: Session, delete_files: bool) -> None:
         """Free a session taken out of ``sessions`` (its work lock held); files stay or go."""
         try:
+            finish_spills(session.state)
             session.state = None
             self.store.close(session, delete_files)
         finally:

@@ -226,6 +226,16 @@ class SpillingFrameOutputs(MutableMapping):
         return out
 
 
+def finish_spills(inference_state: dict | None) -> None:
+    """Wait for the spills still being written, so that removing the state's folder next
+    leaves nothing behind (a write landing after the removal would recreate a file)."""
+    for out_dict in (inference_state or {}).get("output_dict_per_obj", {}).values():
+        non_cond = out_dict["non_cond_frame_outputs"]
+        if isinstance(non_cond, SpillingFrameOutputs):
+            for frame_idx in list(non_cond._writing):
+                non_cond._settle(frame_idx)
+
+
 def state_memory_report(inference_state: dict) -> dict:
     """How many tracked-frame entries each object holds in memory and on disk."""
     per_obj = {}

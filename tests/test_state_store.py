@@ -163,6 +163,20 @@ def test_failed_background_spill_keeps_the_entry(tmp_path):
     assert torch.equal(store[1]["obj_ptr"], outs[1]["obj_ptr"])
 
 
+def test_finish_spills_waits_for_every_write(tmp_path):
+    """Before a session's state folder is removed, the spills still being written are waited
+    for: after finish_spills none is in flight and every file is whole."""
+    from state_store import finish_spills
+
+    pos = [torch.randn(1, 4, 2, 2)]
+    store = SpillingFrameOutputs(tmp_path, keep=1, pos_enc=lambda: pos, background=True)
+    for i, out in _entries(pos, 6).items():
+        store[i] = out
+    finish_spills({"output_dict_per_obj": {0: {"non_cond_frame_outputs": store}}})
+    assert not store._writing
+    assert sorted(p.name for p in store.folder.iterdir()) == [f"{i:06d}.pt" for i in range(5)]
+
+
 def test_reset_and_close_remove_spilled_files(small_window_manager, tmp_path):
     mgr = small_window_manager
     video = make_video(tmp_path / "v.mp4", num_frames=8)
