@@ -4,6 +4,8 @@
 #   bash bench/gpu_kit.sh wheels        # here, with network: Python 3.12 wheels into .whl/
 #   bash bench/gpu_kit.sh install       # there: install .whl/ into /tmp/site (prints the export)
 #   bash bench/gpu_kit.sh cell NAME...  # there: run bench cells, JSON + tables into $OUT (or bench-out/)
+#   bash bench/gpu_kit.sh lease [NAME...]   # there, in one device call: install, run the cells
+#                                           # (default: the five that fit 15 minutes), pack $OUT
 #
 # Cells, most telling first (each prints one table; see bench/README.md):
 #   tiny1080-300   tiny, 1920x1080, 300 frames, 3 objects, Meta vs ours
@@ -92,9 +94,32 @@ cell() {
   done
 }
 
+# One device lease: install, then each cell in turn; after each, everything so far is packed
+# into $OUT/results.tgz (a lease returns at most 8 files, and a run cut off by its time limit
+# still returns what it measured). Seconds per cell on an H100 (2026-11-25): fidelity 33,
+# tiny1080-150 94, large1080-150 76, profile-tiny1080 55, tiny1080-300 202, large1080-300 143.
+lease() {
+  if [ -z "${SKIP_INSTALL:-}" ]; then  # SKIP_INSTALL=1: a dry run where everything is installed
+    install >/dev/null
+    export PYTHONPATH=/tmp/site
+  fi
+  [ $# -gt 0 ] || set -- fidelity tiny1080-150 profile-tiny1080 large1080-150 profile-large1080
+  local out="${OUT:-bench-out}" work=/tmp/gpu-cells
+  mkdir -p "$out" "$work"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+  for name in "$@"; do
+    local t0=$SECONDS
+    OUT="$work" cell "$name" > "$work/$name.out" 2>&1 || echo "cell $name FAILED"
+    echo "== $name $((SECONDS - t0)) s"
+    grep -v -E 'USDT|it/s\]|frame loading|UserWarning|_warn_once' "$work/$name.out" | tail -n 40
+    tar czf "$out/results.tgz" -C "$(dirname "$work")" "$(basename "$work")"
+  done
+}
+
 case "${1:-}" in
   wheels) wheels ;;
   install) install ;;
   cell) shift; cell "$@" ;;
-  *) sed -n 2,16p "$0"; exit 2 ;;
+  lease) shift; lease "$@" ;;
+  *) sed -n 2,21p "$0"; exit 2 ;;
 esac
