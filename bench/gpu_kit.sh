@@ -12,6 +12,7 @@
 #   tiny1080-3000  tiny, 1920x1080, 3000 frames, ours only (Meta's init_state needs ~36 GB of frames)
 #   large1080-300  large, 1920x1080, 300 frames, 1 object, Meta vs ours
 #   tiny1080-150, large1080-150   the same, 150 frames (a short device lease)
+#   tiny1080-150-batched   ours only, 3 objects with SAM2_BATCH_OBJECTS=on (is batching faster?)
 #   tiny720-300    tiny, 1280x720, 300 frames, Meta vs ours
 #   large720-300   large, 1280x720, 300 frames, Meta vs ours
 #   first-mask     upload -> first mask over HTTP, 300 and 3000 frames (bench/first_mask.py)
@@ -71,6 +72,11 @@ cell() {
       large1080-300) args="--model large --width 1920 --height 1080 --frames 300" ;;
       tiny1080-150)  args="--model tiny --width 1920 --height 1080 --frames 150 --objects 3" ;;
       large1080-150) args="--model large --width 1920 --height 1080 --frames 150" ;;
+      tiny1080-150-batched)  # ours only, objects tracked as one batch (masks differ in bf16)
+        SAM2_BATCH_OBJECTS=on python3 bench/bench.py --model tiny --width 1920 --height 1080 \
+          --frames 150 --objects 3 --skip-meta ${BENCH_ARGS:-} --json "$out/$name.json" 2>&1 \
+          | tee "$out/$name.txt"
+        continue ;;
       tiny720-300)   args="--model tiny --width 1280 --height 720 --frames 300" ;;
       large720-300)  args="--model large --width 1280 --height 720 --frames 300" ;;
       first-mask)
@@ -121,5 +127,5 @@ case "${1:-}" in
   install) install ;;
   cell) shift; cell "$@" ;;
   lease) shift; lease "$@" ;;
-  *) sed -n 2,21p "$0"; exit 2 ;;
+  *) sed -n 2,22p "$0"; exit 2 ;;
 esac
