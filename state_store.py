@@ -180,7 +180,7 @@ class SpillingFrameOutputs(MutableMapping):
                     on_gpu = True
                 else:
                     # clone: a slice of a batched output would otherwise save the whole batch.
-                    packed[key] = value.detach().clone()
+                    packed[key] = value.detach().to("cpu").clone()
             else:
                 packed[key] = value
         packed["_device"] = str(device) if device is not None else None
