@@ -122,12 +122,16 @@ class SpillingFrameOutputs(MutableMapping):
         return default
 
     def clear(self) -> None:
-        for frame_idx in list(self._writing):
-            self._settle(frame_idx)
+        self.finish_writes()
         self._mem.clear()
         for frame_idx in self._disk:
             self._path(frame_idx).unlink(missing_ok=True)
         self._disk.clear()
+
+    def finish_writes(self) -> None:
+        """Wait for the spills still being written in the background."""
+        for frame_idx in list(self._writing):
+            self._settle(frame_idx)
 
     # -- what is where ---------------------------------------------------------------------
     @property
@@ -232,8 +236,7 @@ def finish_spills(inference_state: dict | None) -> None:
     for out_dict in (inference_state or {}).get("output_dict_per_obj", {}).values():
         non_cond = out_dict["non_cond_frame_outputs"]
         if isinstance(non_cond, SpillingFrameOutputs):
-            for frame_idx in list(non_cond._writing):
-                non_cond._settle(frame_idx)
+            non_cond.finish_writes()
 
 
 def state_memory_report(inference_state: dict) -> dict:

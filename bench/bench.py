@@ -174,19 +174,25 @@ def meta_sequence(predictor, frames_dir: Path, objects: int, cuda: bool) -> dict
     return r
 
 
-def run_meta(a: argparse.Namespace, cuda: bool, work: Path) -> dict:
+def build_meta_predictor(model: str, checkpoint: Path, device: str, image_size: int | None):
+    """Meta's stock predictor, configured as the server's (same overrides, no hole filling)."""
     import torch
     from sam2.build_sam import build_sam2_video_predictor
 
-    if cuda:  # as Meta's video notebook does on Ampere and later
+    if device == "cuda":  # as Meta's video notebook does on Ampere and later
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     overrides = ["++model.add_all_frames_to_correct_as_cond=true"]
-    if a.image_size:
-        overrides.insert(0, f"++model.image_size={a.image_size}")
-    predictor = build_sam2_video_predictor(MODELS[a.model][0], str(a.checkpoint),
-                                           device=a.device, hydra_overrides_extra=overrides)
+    if image_size:
+        overrides.insert(0, f"++model.image_size={image_size}")
+    predictor = build_sam2_video_predictor(MODELS[model][0], str(checkpoint), device=device,
+                                           hydra_overrides_extra=overrides)
     predictor.fill_hole_area = 0  # Meta's hole filling needs sam2._C, which is not built
+    return predictor
+
+
+def run_meta(a: argparse.Namespace, cuda: bool, work: Path) -> dict:
+    predictor = build_meta_predictor(a.model, a.checkpoint, a.device, a.image_size)
     notes = []
     decode_to_jpegs(a.warm_video, work / "warm")
     try:  # the warm-up runs the very sequence that is timed, so it meets any dtype error first
@@ -265,17 +271,23 @@ def ours_sequence(manager, video: Path, objects: int) -> dict:
     return r
 
 
-def run_ours(a: argparse.Namespace, cuda: bool, work: Path) -> dict:
+def build_manager(a: argparse.Namespace, checkpoint: Path, work: Path, **overrides):
+    """The server's engine with its model loaded, its files under ``work``."""
     from config import Settings
     from sam2_manager import SAM2Manager
 
-    settings = Settings(model=a.model, checkpoint=a.checkpoint, image_size=a.image_size,
+    settings = Settings(model=a.model, checkpoint=checkpoint, image_size=a.image_size,
                         device=a.device, fill_hole_area=0, upload_dir=work / "uploads",
-                        output_dir=work / "outputs", _env_file=None)
+                        output_dir=work / "outputs", _env_file=None, **overrides)
     manager = SAM2Manager(settings, predictor=None)
     manager.load_model()
     if not manager.ready:
         raise SystemExit(f"model not loaded: {manager.model_detail}")
+    return manager
+
+
+def run_ours(a: argparse.Namespace, cuda: bool, work: Path) -> dict:
+    manager = build_manager(a, a.checkpoint, work)
     ours_sequence(manager, a.warm_video, a.objects)
     base = reset_peaks(cuda)
     r = ours_sequence(manager, a.video, a.objects)

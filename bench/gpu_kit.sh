@@ -65,7 +65,7 @@ cell() {
   mkdir -p "$out"
   export PYTHONUNBUFFERED=1
   for name in "$@"; do
-    local args
+    local args batch=off
     case "$name" in
       tiny1080-300)  args="--model tiny --width 1920 --height 1080 --frames 300 --objects 3" ;;
       tiny1080-3000) args="--model tiny --width 1920 --height 1080 --frames 3000 --skip-meta" ;;
@@ -73,10 +73,8 @@ cell() {
       tiny1080-150)  args="--model tiny --width 1920 --height 1080 --frames 150 --objects 3" ;;
       large1080-150) args="--model large --width 1920 --height 1080 --frames 150" ;;
       tiny1080-150-batched)  # ours only, objects tracked as one batch (masks differ in bf16)
-        SAM2_BATCH_OBJECTS=on python3 bench/bench.py --model tiny --width 1920 --height 1080 \
-          --frames 150 --objects 3 --skip-meta ${BENCH_ARGS:-} --json "$out/$name.json" 2>&1 \
-          | tee "$out/$name.txt"
-        continue ;;
+        args="--model tiny --width 1920 --height 1080 --frames 150 --objects 3 --skip-meta"
+        batch=on ;;
       tiny720-300)   args="--model tiny --width 1280 --height 720 --frames 300" ;;
       large720-300)  args="--model large --width 1280 --height 720 --frames 300" ;;
       first-mask)
@@ -96,7 +94,8 @@ cell() {
       *) echo "unknown cell $name" >&2; exit 2 ;;
     esac
     # shellcheck disable=SC2086
-    python3 bench/bench.py $args ${BENCH_ARGS:-} --json "$out/$name.json" 2>&1 | tee "$out/$name.txt"
+    SAM2_BATCH_OBJECTS=$batch python3 bench/bench.py $args ${BENCH_ARGS:-} --json "$out/$name.json" \
+      2>&1 | tee "$out/$name.txt"
   done
 }
 

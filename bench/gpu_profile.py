@@ -29,8 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench import decode_to_jpegs, prompt_points, write_checkpoint  # noqa: E402
-from config import MODELS, Settings  # noqa: E402
+from bench import (  # noqa: E402
+    build_manager,
+    build_meta_predictor,
+    decode_to_jpegs,
+    prompt_points,
+    write_checkpoint,
+)
+from config import MODELS  # noqa: E402
 
 # The model stages timed in ``profile``: predictor method -> label. They never nest in one
 # another during tracking, so their times add up.
@@ -38,19 +44,6 @@ STAGES = {"forward_image": "image encoder",
           "_prepare_memory_conditioned_features": "memory attention",
           "_forward_sam_heads": "prompt encoder + mask decoder",
           "_encode_new_memory": "memory encoder"}
-
-
-def new_manager(a, ckpt: Path, work: Path, **overrides):
-    from sam2_manager import SAM2Manager
-
-    settings = Settings(model=a.model, checkpoint=ckpt, image_size=a.image_size, device=a.device,
-                        fill_hole_area=0, upload_dir=work / "uploads", output_dir=work / "outputs",
-                        _env_file=None, **overrides)
-    manager = SAM2Manager(settings, predictor=None)
-    manager.load_model()
-    if not manager.ready:
-        raise SystemExit(f"model not loaded: {manager.model_detail}")
-    return manager
 
 
 def open_session(manager, video: Path):
@@ -73,20 +66,11 @@ def read_labels(manager, session, frames) -> dict[int, np.ndarray]:
 # ----------------------------------------------------------------------------- fidelity
 def meta_labels(a, ckpt: Path, frames_dir: Path, pts) -> dict[int, np.ndarray]:
     import torch
-    from sam2.build_sam import build_sam2_video_predictor
 
     from masks import label_map
 
     cuda = a.device == "cuda"
-    if cuda:  # as Meta's video notebook does on Ampere and later
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    overrides = ["++model.add_all_frames_to_correct_as_cond=true"]
-    if a.image_size:
-        overrides.insert(0, f"++model.image_size={a.image_size}")
-    predictor = build_sam2_video_predictor(MODELS[a.model][0], str(ckpt), device=a.device,
-                                           hydra_overrides_extra=overrides)
-    predictor.fill_hole_area = 0
+    predictor = build_meta_predictor(a.model, ckpt, a.device, a.image_size)
     if not cuda:
         from predictor import widen_cpu_memories
 
@@ -102,14 +86,15 @@ def meta_labels(a, ckpt: Path, frames_dir: Path, pts) -> dict[int, np.ndarray]:
         for f, ids, masks in predictor.propagate_in_video(state):
             out[f] = label_map(masks, list(ids))
     del predictor, state
-    torch.cuda.empty_cache() if cuda else None
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 
 def ours_labels(a, ckpt: Path, video: Path, work: Path, pts, **overrides) -> dict:
     import torch
 
-    manager = new_manager(a, ckpt, work, **overrides)
+    manager = build_manager(a, ckpt, work, **overrides)
     sid, session = open_session(manager, video)
     for k, p in enumerate(pts):
         manager.add_prompt(sid, 0, k + 1, points=[p], labels=[1])
@@ -120,7 +105,8 @@ def ours_labels(a, ckpt: Path, video: Path, work: Path, pts, **overrides) -> dic
     manager.close_session(sid, delete_files=True)
     manager.shutdown()
     del manager
-    torch.cuda.empty_cache() if a.device == "cuda" else None
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -180,7 +166,7 @@ class StageTimer:
     def __init__(self, predictor, cuda: bool):
         import torch
 
-        self.cuda, self.spans, self._restore = cuda, defaultdict(list), []
+        self.cuda, self.spans = cuda, defaultdict(list)
         for method, label in STAGES.items():
             original = getattr(predictor, method)
 
@@ -198,7 +184,6 @@ class StageTimer:
                 return out
 
             setattr(predictor, method, timed)
-            self._restore.append((predictor, method))
 
     def reset(self) -> None:
         self.spans.clear()
@@ -225,7 +210,7 @@ def profile(a, ckpt: Path, tmp: Path) -> dict:
 
     cuda = a.device == "cuda"
     video = make_video(tmp / "prof.mp4", a.frames, a.width, a.height)
-    manager = new_manager(a, ckpt, tmp / "prof")
+    manager = build_manager(a, ckpt, tmp / "prof")
     sid, session = open_session(manager, video)
     pts = prompt_points(a.objects, a.width, a.height)
     for k, p in enumerate(pts):
