@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     state_window: int = Field(
         16, ge=1, description="Tracked frames per object kept in memory (older ones go to disk); "
                               "below 16 sequential tracking reads some back from disk")
+    feature_cache_frames: int = Field(
+        4, ge=0, le=64, description="Prompted frames whose image features stay at hand per "
+                                    "session, so clicking one again after a propagation skips "
+                                    "the image encoder (about 29 MiB each at image size 1024, "
+                                    "1.8 MiB at 256; 0: only the last frame, as sam2)")
     writer_threads: int = Field(
         0, ge=0, le=64, description="Threads writing masks/overlays (0: from the CPU count)")
     torch_threads: int = Field(

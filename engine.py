@@ -560,7 +560,8 @@ class Engine:
             shutil.rmtree(session.state_dir, ignore_errors=True)
             state = new_inference_state(
                 predictor, images, session.info.height, session.info.width,
-                spill_dir=session.state_dir, state_window=self.settings.state_window)
+                spill_dir=session.state_dir, state_window=self.settings.state_window,
+                kept_features=self.settings.feature_cache_frames)
             if session.has_prompts():
                 # A session restored from disk (restart, or idle expiry): give the model back
                 # its prompts. Tracking resumes with the next propagation.

@@ -78,6 +78,24 @@ class TrackingPredictor(SAM2VideoPredictor):
         compact["iou"] = iou.float() if iou is not None else None
         return compact, pred_masks_gpu
 
+    def _get_image_feature(self, inference_state, frame_idx, batch_size):
+        # sam2 caches the image features of the last frame it encoded only, so a click on a
+        # prompted frame after a propagation runs the image encoder again. The features of the
+        # most recently prompted frames are kept here too (they depend on the frame alone).
+        kept = inference_state.get("kept_features")
+        if kept is not None and frame_idx in kept:
+            kept.move_to_end(frame_idx)
+            if frame_idx not in inference_state["cached_features"]:
+                inference_state["cached_features"] = {frame_idx: kept[frame_idx]}
+        features = super()._get_image_feature(inference_state, frame_idx, batch_size)
+        limit = inference_state.get("kept_features_max", 0)
+        if kept is not None and limit > 0 and _is_prompted(inference_state, frame_idx):
+            kept[frame_idx] = inference_state["cached_features"][frame_idx]
+            kept.move_to_end(frame_idx)
+            while len(kept) > limit:
+                kept.popitem(last=False)
+        return features
+
 
     # -- tracking several objects in one batch ------------------------------------------------
     @torch.inference_mode()
@@ -210,6 +228,13 @@ class TrackingPredictor(SAM2VideoPredictor):
         if features is not None and features.device.type == "cpu":
             return features.float()
         return features
+
+
+def _is_prompted(inference_state: dict, frame_idx: int) -> bool:
+    """Whether any object has points, a box or a mask on the frame."""
+    return any(frame_idx in inputs
+               for key in ("point_inputs_per_obj", "mask_inputs_per_obj")
+               for inputs in inference_state[key].values())
 
 
 def widen_cpu_memories(predictor: SAM2VideoPredictor) -> None:
@@ -361,11 +386,12 @@ class LazyFrames:
 
 def new_inference_state(predictor: SAM2VideoPredictor, images, video_height: int,
                         video_width: int, spill_dir: Path | None = None,
-                        state_window: int = 16) -> dict:
+                        state_window: int = 16, kept_features: int = 0) -> dict:
     """The dict ``init_state`` builds, without loading every frame or encoding frame 0.
 
     With ``spill_dir``, each object's tracked-frame outputs beyond the ``state_window`` most
-    recently used go to disk (see state_store).
+    recently used go to disk (see state_store). The image features of the ``kept_features``
+    most recently prompted frames stay at hand (``TrackingPredictor._get_image_feature``).
     """
     device = predictor.device
     return {
@@ -382,6 +408,8 @@ def new_inference_state(predictor: SAM2VideoPredictor, images, video_height: int
         "point_inputs_per_obj": {},
         "mask_inputs_per_obj": {},
         "cached_features": {},
+        "kept_features": OrderedDict(),
+        "kept_features_max": kept_features,
         "constants": {},
         "obj_id_to_idx": OrderedDict(),
         "obj_idx_to_id": OrderedDict(),

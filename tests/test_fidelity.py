@@ -250,6 +250,68 @@ def test_refine_middle_frame_and_repropagate(manager, video, reference_predictor
     assert on_disk["propagations"] == props
 
 
+def _count_encodings(predictor, monkeypatch) -> list[int]:
+    """Record the frames' image encodings (``forward_image`` calls) from now on."""
+    calls: list[int] = []
+    encode = predictor.forward_image
+
+    def counted(image):
+        calls.append(1)
+        return encode(image)
+
+    monkeypatch.setattr(predictor, "forward_image", counted)
+    return calls
+
+
+def test_refining_a_prompted_frame_after_propagation_reuses_its_features(
+        manager, video, predictor, reference_predictor, monkeypatch):
+    """sam2 keeps the image features of the last frame it encoded only, so the first click on
+    frame 0 after a propagation would run the image encoder again. The server keeps those of
+    its prompted frames: no encoding, and the same mask as Meta's predictor (which encodes)."""
+    sid, session = open_session(manager, video)
+    n = session.info.num_frames
+    neg = [[50, 60]]
+    manager.add_prompt(sid, 0, 1, points=POS_POINTS, labels=POS_LABELS)
+    manager.propagate(sid, 0, n - 1)
+    encoded = _count_encodings(predictor, monkeypatch)
+    manager.add_prompt(sid, 0, 1, points=neg, labels=[0], append=True)
+    assert encoded == []
+    refined = server_mask(session, 0)
+    manager.add_prompt(sid, n - 2, 1, points=POS_POINTS, labels=POS_LABELS)  # never prompted
+    assert len(encoded) == 1
+
+    state = reference_state(reference_predictor, session)
+    ref_add(reference_predictor, state, 0, 1, points=POS_POINTS, labels=POS_LABELS)
+    ref_first = ref_propagate(reference_predictor, state, 0, n - 1)
+    ref_refined = ref_add(reference_predictor, state, 0, 1, points=neg, labels=[0],
+                          clear_old_points=False)
+    assert (ref_refined != ref_first[0]).any()  # else the refinement proves nothing
+    assert_same_labels({0: refined}, {0: ref_refined})
+
+
+def test_features_kept_for_the_most_recently_prompted_frames_only(
+        settings, predictor, video, monkeypatch):
+    from sam2_manager import SAM2Manager
+
+    mgr = SAM2Manager(settings.model_copy(update={"feature_cache_frames": 1}),
+                      predictor=predictor)
+    try:
+        sid, session = open_session(mgr, video)
+        n = session.info.num_frames
+        mgr.add_prompt(sid, 0, 1, points=POS_POINTS, labels=POS_LABELS)
+        mgr.add_prompt(sid, 3, 1, points=POS_POINTS, labels=POS_LABELS)
+        mgr.propagate(sid, 0, n - 1)
+        assert list(session.state["kept_features"]) == [3]
+        encoded = _count_encodings(predictor, monkeypatch)
+        mgr.add_prompt(sid, 3, 1, points=[[50, 60]], labels=[0], append=True)
+        assert encoded == []
+        mgr.add_prompt(sid, 0, 1, points=[[50, 60]], labels=[0], append=True)
+        assert len(encoded) == 1  # frame 0's features were let go for frame 3's
+        assert list(session.state["kept_features"]) == [0]
+    finally:
+        mgr.shutdown()
+
+
 def test_refine_prompted_frame_resends_whole_point_list(manager, video, reference_predictor):
     """Append on a frame that already has points: server resends all with clear_old_points=True."""
     sid, session = open_session(manager, video)
