@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from config import MODELS  # noqa: E402
 
-CLICKS = 5          # clicks timed on frame 0 (median reported)
+CLICKS = 9          # clicks timed on frame 0 (median reported)
 WARMUP_FRAMES = 3   # each child first runs the whole sequence on a video this long, untimed
 JPEG_QUALITY = 95   # the server's default; Meta's frames are written with the same encoder
 
@@ -164,6 +164,7 @@ def meta_sequence(predictor, frames_dir: Path, objects: int, cuda: bool) -> dict
         r["click_ms"] = median_ms(click)
         r["propagate_fps"] = propagate(state)
         r |= state_mib(state)
+        r["click_after_first_ms"] = median_ms(click, 1)
         r["click_after_ms"] = median_ms(click)
         if objects > 1:
             predictor.reset_state(state)
@@ -258,6 +259,7 @@ def ours_sequence(manager, video: Path, objects: int) -> dict:
     r["host_ms_per_frame"] = {stage: 1000 * seconds / done
                               for stage, (seconds, _) in STAGES.snapshot().items()}
     r |= state_mib(session.state)
+    r["click_after_first_ms"] = median_ms(click, 1)
     r["click_after_ms"] = median_ms(click)
     if objects > 1:
         manager.reset(sid)
@@ -329,6 +331,47 @@ def run_child(which: str, a: argparse.Namespace, video: Path, warm: Path, ckpt: 
     return out
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One result from several rounds of the same path: the median of each figure."""
+    first = results[0]
+    if len(results) == 1:
+        return first
+    out = {}
+    for key, value in first.items():
+        values = [r[key] for r in results if r.get(key) is not None]
+        if isinstance(value, bool):
+            out[key] = all(values)
+        elif isinstance(value, int):
+            out[key] = statistics.median_low(values)
+        elif isinstance(value, float):
+            out[key] = statistics.median(values)
+        elif isinstance(value, dict):
+            out[key] = merge_rounds(values)
+        else:
+            out[key] = value
+    return out
+
+
+SPREAD_ROWS = [("click_ms", "click latency", False), ("propagate_fps", "propagate FPS", True),
+               ("propagate_fps_multi", "propagate FPS N obj", True),
+               ("click_after_first_ms", "1st click after prop.", False)]
+
+
+def spread(rounds: list[dict]) -> str:
+    """The ratio of each round (meta and ours run back to back), for the rows that move most."""
+    lines = []
+    for key, label, higher_better in SPREAD_ROWS:
+        ratios = []
+        for r in rounds:
+            m, o = (r.get("meta") or {}).get(key), r["ours"].get(key)
+            if m and o:
+                ratios.append(o / m if higher_better else m / o)
+        if ratios:
+            lines.append(f"{label:24} " + " ".join(f"{x:.2f}x" for x in ratios)
+                         + f"   (median {statistics.median(ratios):.2f}x)")
+    return ("ratio in each round\n" + "\n".join(lines)) if lines else ""
+
+
 def device_name(cuda: bool) -> str:
     import torch
 
@@ -354,6 +397,7 @@ def table(run: dict, objects: int) -> str:
     rows = [("decode_s", "decode to JPEG s", False), ("first_mask_s", "first mask s", False),
             ("video_to_mask_s", "video -> first mask s", False),
             ("click_ms", "click latency ms", False), ("propagate_fps", "propagate FPS", True),
+            ("click_after_first_ms", "1st click after prop. ms", False),
             ("click_after_ms", "click after propagate ms", False)]
     if objects > 1:
         rows.append(("propagate_fps_multi", f"propagate FPS {objects} obj", True))
@@ -430,6 +474,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint in Meta's format for --model; default: random weights of "
                         "that architecture written to a temp dir (speed ignores weight values)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run both paths this many times, alternating, and report the median of "
+                        "each figure and each round's ratio (default 1)")
     p.add_argument("--seed", type=int, default=4, help="torch seed of the random checkpoint (default 4)")
     p.add_argument("--json", type=Path, default=None, help="also write the results JSON here")
     p.add_argument("--skip-meta", action="store_true", help="run only our path")
@@ -441,6 +488,8 @@ def parse_args() -> argparse.Namespace:
     a = p.parse_args()
     if a.objects < 1:
         p.error("--objects must be at least 1")
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     return a
 
 
@@ -470,20 +519,28 @@ def main() -> None:
         header = {"device": device_name(cuda), "torch": torch.__version__, "model": a.model,
                   "checkpoint": str(a.checkpoint) if a.checkpoint else f"random (seed {a.seed})",
                   "image_size": a.image_size or "model default", "video": f"{a.width}x{a.height}",
-                  "objects": a.objects, "date": datetime.datetime.now().isoformat(" ", "seconds")}
+                  "objects": a.objects, "rounds": a.rounds,
+                  "date": datetime.datetime.now().isoformat(" ", "seconds")}
         runs = []
         for n in lengths:
             print(f"{n} frames: making the video ...", file=sys.stderr, flush=True)
             video = make_video(tmp / f"video-{n}.mp4", n, a.width, a.height)
-            run = {"frames": n, "meta": None if a.skip_meta else
-                   run_child("meta", a, video, warm, ckpt, tmp)}
-            run["ours"] = run_child("ours", a, video, warm, ckpt, tmp)
+            # Rounds alternate the two paths, so a slow spell of a shared machine falls on both.
+            rounds = []
+            for _ in range(a.rounds):
+                meta = None if a.skip_meta else run_child("meta", a, video, warm, ckpt, tmp)
+                rounds.append({"meta": meta, "ours": run_child("ours", a, video, warm, ckpt, tmp)})
+            run = {"frames": n, "rounds": rounds, "ours": merge_rounds([r["ours"] for r in rounds]),
+                   "meta": None if a.skip_meta else merge_rounds([r["meta"] for r in rounds])}
             header["image_size"] = run["ours"]["image_size"]
             runs.append(run)
             print(f"\n# SAM 2 bench | {header['device']} | torch {header['torch']} | "
                   f"{a.model} @ {header['image_size']} | {header['video']} x {n} frames | "
                   f"{header['checkpoint']} | {header['date']}")
             print(table(run, a.objects), flush=True)
+            if a.rounds > 1:
+                print(f"(medians of {a.rounds} rounds)")
+                print(spread(rounds), flush=True)
             print(stages(run), flush=True)
             video.unlink()
         if len(runs) > 1:
