@@ -62,9 +62,11 @@ class Settings(BaseSettings):
         8, ge=0, description="Fill background holes up to this many low-res pixels (0: off)"
     )
 
-    frame_resize: Literal["auto", "exact", "device"] = Field(
+    frame_resize: Literal["auto", "exact", "exact-device", "device"] = Field(
         "exact", description="exact: PIL as sam2 (identical masks; normalised on the GPU with "
-                             "CUDA); device: OpenCV decode and resize on the model's device "
+                             "CUDA); exact-device: PIL decodes, and Pillow's resize is redone "
+                             "bit for bit on the model's device (identical masks, less host "
+                             "CPU); device: OpenCV decode and resize on the model's device "
                              "(masks differ); auto: the same as exact")
     batch_objects: Literal["auto", "on", "off"] = Field(
         "off", description="on: track objects whose memories line up as one batch (masks differ "

@@ -556,7 +556,9 @@ class Engine:
                                 self._frame_prefetcher(predictor),
                                 resize_on=predictor.device if fast else None,
                                 normalise_on=predictor.device
-                                if predictor.device.type == "cuda" else None)
+                                if predictor.device.type == "cuda" else None,
+                                exact_resize_on=predictor.device
+                                if self.settings.frame_resize == "exact-device" else None)
             shutil.rmtree(session.state_dir, ignore_errors=True)
             state = new_inference_state(
                 predictor, images, session.info.height, session.info.width,

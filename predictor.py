@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -18,6 +19,7 @@ from sam2.build_sam import build_sam2_video_predictor
 from sam2.modeling.position_encoding import PositionEmbeddingSine
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
+from exact_resize import resize_like_pil
 from state_store import SpillingFrameOutputs
 from timing import STAGES
 
@@ -284,17 +286,21 @@ class LazyFrames:
 
     def __init__(self, num_frames: int, image_size: int, frame_path: Callable[[int], Path],
                  prefetcher: Executor | None = None, depth: int = 3,
-                 resize_on: torch.device | None = None, normalise_on: torch.device | None = None):
+                 resize_on: torch.device | None = None, normalise_on: torch.device | None = None,
+                 exact_resize_on: torch.device | None = None):
         self.num_frames = num_frames
         self.image_size = image_size
         self.frame_path = frame_path
         # None: PIL, exactly as sam2 (bit-identical masks). A device: OpenCV decode, then a
         # bicubic antialiased resize there (within 2/255 of PIL; no PIL resize on the host).
         self.resize_on = resize_on
+        # A device: the frame is decoded by PIL on the host, and resized there with Pillow's
+        # own integer arithmetic (exact_resize): PIL's bytes, without PIL's resize on the host.
+        self.exact_resize_on = exact_resize_on if resize_on is None else None
         # With exact frames and ``normalise_on`` (a CUDA model): the PIL-resized uint8 frame
         # goes there (a quarter of the float32 bytes, from pinned memory, without a sync) and is
         # made float and normalised there, by the same IEEE float32 operations: the same values.
-        self.upload_to = normalise_on if resize_on is None else None
+        self.upload_to = (self.exact_resize_on or normalise_on) if resize_on is None else None
         device = resize_on or self.upload_to or torch.device("cpu")
         self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32, device=device)[:, None, None]
         self._std = torch.tensor(IMG_STD, dtype=torch.float32, device=device)[:, None, None]
@@ -329,6 +335,8 @@ class LazyFrames:
             with Image.open(self.frame_path(frame_idx)) as img:
                 if img.mode != "RGB":  # our JPEGs are RGB already: no copy of the frame
                     img = img.convert("RGB")
+                if self.exact_resize_on is not None:
+                    return np.asarray(img)  # H x W x 3, resized on the device
                 rgb = np.asarray(img.resize((self.image_size, self.image_size)))
             if self.upload_to is not None:
                 return np.ascontiguousarray(rgb.transpose(2, 0, 1))
@@ -346,10 +354,18 @@ class LazyFrames:
                 return self._normalise_on_device(array)
         return torch.from_numpy(array)
 
-    def _normalise_on_device(self, rgb_chw: np.ndarray) -> torch.Tensor:
-        rgb = torch.from_numpy(rgb_chw)
+    def _normalise_on_device(self, rgb: np.ndarray) -> torch.Tensor:
+        """C x S x S uint8 (or, to be resized first, the decoded H x W x 3) to the model input."""
+        if rgb.flags.writeable:
+            rgb = torch.from_numpy(rgb)
+        else:  # PIL's decoded bytes, as is: only read (copied to the device or to int32)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                rgb = torch.from_numpy(rgb)
         if self.upload_to.type == "cuda":
             rgb = rgb.pin_memory().to(self.upload_to, non_blocking=True)
+        if self.exact_resize_on is not None:
+            rgb = resize_like_pil(rgb, (self.image_size, self.image_size))
         img = self._unit[rgb.long()]
         img -= self._mean
         img /= self._std

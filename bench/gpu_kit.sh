@@ -5,7 +5,7 @@
 #   bash bench/gpu_kit.sh install       # there: install .whl/ into /tmp/site (prints the export)
 #   bash bench/gpu_kit.sh cell NAME...  # there: run bench cells, JSON + tables into $OUT (or bench-out/)
 #   bash bench/gpu_kit.sh lease [NAME...]   # there, in one device call: install, run the cells
-#                                           # (default: the five that fit 15 minutes), pack $OUT
+#                                           # (default: the seven that fit 15 minutes), pack $OUT
 #
 # Cells, most telling first (each prints one table; see bench/README.md):
 #   tiny1080-300   tiny, 1920x1080, 300 frames, 3 objects, Meta vs ours
@@ -13,6 +13,8 @@
 #   large1080-300  large, 1920x1080, 300 frames, 1 object, Meta vs ours
 #   tiny1080-150, large1080-150   the same, 150 frames (a short device lease)
 #   tiny1080-150-batched   ours only, 3 objects with SAM2_BATCH_OBJECTS=on (is batching faster?)
+#   tiny1080-150-exactdevice   ours only, 3 objects with SAM2_FRAME_RESIZE=exact-device (PIL's
+#                  resize redone bit for bit on the GPU: is it faster than PIL on the host?)
 #   tiny720-300    tiny, 1280x720, 300 frames, Meta vs ours
 #   large720-300   large, 1280x720, 300 frames, Meta vs ours
 #   first-mask     upload -> first mask over HTTP, 300 and 3000 frames (bench/first_mask.py)
@@ -65,7 +67,7 @@ cell() {
   mkdir -p "$out"
   export PYTHONUNBUFFERED=1
   for name in "$@"; do
-    local args batch=off
+    local args batch=off resize=exact
     case "$name" in
       tiny1080-300)  args="--model tiny --width 1920 --height 1080 --frames 300 --objects 3" ;;
       tiny1080-3000) args="--model tiny --width 1920 --height 1080 --frames 3000 --skip-meta" ;;
@@ -75,6 +77,9 @@ cell() {
       tiny1080-150-batched)  # ours only, objects tracked as one batch (masks differ in bf16)
         args="--model tiny --width 1920 --height 1080 --frames 150 --objects 3 --skip-meta"
         batch=on ;;
+      tiny1080-150-exactdevice)  # ours only, frames resized on the GPU with Pillow's arithmetic
+        args="--model tiny --width 1920 --height 1080 --frames 150 --objects 3 --skip-meta"
+        resize=exact-device ;;
       tiny720-300)   args="--model tiny --width 1280 --height 720 --frames 300" ;;
       large720-300)  args="--model large --width 1280 --height 720 --frames 300" ;;
       first-mask)
@@ -94,7 +99,7 @@ cell() {
       *) echo "unknown cell $name" >&2; exit 2 ;;
     esac
     # shellcheck disable=SC2086
-    SAM2_BATCH_OBJECTS=$batch python3 bench/bench.py $args ${BENCH_ARGS:-} --json "$out/$name.json" \
+    SAM2_BATCH_OBJECTS=$batch SAM2_FRAME_RESIZE=$resize python3 bench/bench.py $args ${BENCH_ARGS:-} --json "$out/$name.json" \
       2>&1 | tee "$out/$name.txt"
   done
 }
@@ -108,7 +113,8 @@ lease() {
     install >/dev/null
     export PYTHONPATH=/tmp/site
   fi
-  [ $# -gt 0 ] || set -- fidelity tiny1080-150 profile-tiny1080 large1080-150 profile-large1080
+  [ $# -gt 0 ] || set -- fidelity tiny1080-150 tiny1080-150-exactdevice profile-tiny1080 \
+    large1080-150 profile-large1080 tiny1080-150-batched
   local out="${OUT:-bench-out}" work=/tmp/gpu-cells
   mkdir -p "$out" "$work"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true

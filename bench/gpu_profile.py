@@ -138,6 +138,7 @@ def fidelity(a, ckpt: Path, tmp: Path) -> dict:
     pts = prompt_points(a.objects, a.width, a.height)
     ref = meta_labels(a, ckpt, tmp / "fid-frames", pts)
     variants = {"defaults (exact frames, one object at a time)": {},
+                "SAM2_FRAME_RESIZE=exact-device": {"frame_resize": "exact-device"},
                 "SAM2_FRAME_RESIZE=device": {"frame_resize": "device"},
                 "SAM2_BATCH_OBJECTS=on": {"batch_objects": "on"}}
     results = {}

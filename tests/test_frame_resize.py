@@ -1,5 +1,6 @@
 """Frame paths: the device-resize one stays within a stated tolerance of sam2's; the exact one
-normalised on the model's device (CUDA) gives sam2's values bit for bit."""
+normalised on the model's device (CUDA), and the one resized there with Pillow's arithmetic,
+give sam2's values bit for bit."""
 
 from __future__ import annotations
 
@@ -60,13 +61,59 @@ def test_exact_frames_normalised_on_device_are_bit_identical(tmp_path):
         assert torch.equal(mine, LazyFrames(3, 256, frames)[i]), i
 
 
-def test_masks_within_tolerance(settings, predictor, tmp_path):
+# (input width, height) -> (output width, height): down, up, mixed, one axis unchanged (that
+# pass skipped, as Pillow skips it), large ratios, and the sizes the server meets most.
+RESIZES = [((130, 90), (256, 256)), ((640, 360), (256, 256)), ((1920, 1080), (1024, 1024)),
+           ((256, 100), (256, 37)), ((31, 256), (256, 256)), ((1000, 7), (16, 64)),
+           ((3840, 2160), (1024, 1024)), ((17, 19), (1024, 1024)), ((333, 444), (512, 512))]
+
+
+def test_resize_like_pil_is_pils_to_the_byte():
+    import numpy as np
+    from PIL import Image
+
+    from exact_resize import resize_like_pil
+
+    rng = np.random.default_rng(11)
+    for (w, h), size in RESIZES:
+        for pattern in ("noise", "edges"):
+            if pattern == "noise":
+                hwc = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            else:  # hard 0/255 steps drive bicubic's overshoot into both clips
+                hwc = ((rng.random((h, w, 1)) > 0.5) * np.array([255, 0, 255])).astype(np.uint8)
+            expected = np.asarray(Image.fromarray(hwc).resize(size))
+            mine = resize_like_pil(torch.from_numpy(hwc), size).permute(1, 2, 0).numpy()
+            differing = int((mine != expected).sum())
+            assert differing == 0, f"{(w, h)} -> {size} ({pattern}): {differing} values differ"
+
+
+def test_exact_frames_resized_on_device_are_bit_identical(tmp_path):
+    """SAM2_FRAME_RESIZE=exact-device: PIL decodes on the host, the full-size uint8 frame goes
+    to the device and is resized and normalised there; the CPU stands in for the device."""
+    import numpy as np
+    from PIL import Image
+    from sam2.utils.misc import load_video_frames_from_jpg_images
+
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i:05d}.jpg", quality=90)
+    frames = lambda i: tmp_path / f"{i:05d}.jpg"  # noqa: E731
+    on_device = LazyFrames(3, 256, frames, exact_resize_on=torch.device("cpu"))
+    raw = on_device._read(0)
+    assert raw.shape == (90, 130, 3) and raw.dtype == np.uint8  # not resized on the host
+    ref, _, _ = load_video_frames_from_jpg_images(str(tmp_path), 256, offload_video_to_cpu=True,
+                                                  compute_device=torch.device("cpu"))
+    for i in range(3):
+        assert torch.equal(on_device[i], ref[i]), i
+
+
+def _masks_by_mode(settings, predictor, tmp_path, modes, n=10):
     from sam2_manager import SAM2Manager
 
-    n = 10
     video = make_video(tmp_path / "v.mp4", num_frames=n)
     masks = []
-    for mode in ("exact", "device"):
+    for mode in modes:
         mgr = SAM2Manager(settings.model_copy(update={
             "frame_resize": mode, "output_dir": settings.output_dir / mode}), predictor=predictor)
         sid = mgr.new_session_id()
@@ -79,9 +126,22 @@ def test_masks_within_tolerance(settings, predictor, tmp_path):
         mgr.propagate(sid, 5, 0)
         masks.append([mgr.store.read_label_map(session, f) for f in range(n)])
         mgr.shutdown()
+    return masks
+
+
+def test_masks_within_tolerance(settings, predictor, tmp_path):
+    n = 10
+    masks = _masks_by_mode(settings, predictor, tmp_path, ("exact", "device"), n)
     for f in range(n):
         differing = float((masks[0][f] != masks[1][f]).mean())
         assert differing <= MASK_TOLERANCE, f"frame {f}: {differing:.3%} of pixels differ"
+
+
+def test_exact_device_masks_equal_exact_ones(settings, predictor, tmp_path):
+    exact, on_device = _masks_by_mode(settings, predictor, tmp_path, ("exact", "exact-device"))
+    assert any((m > 0).any() for m in exact)  # not an empty comparison
+    for f, (a, b) in enumerate(zip(exact, on_device, strict=True)):
+        assert int((a != b).sum()) == 0, f
 
 
 def test_frames_prefetched_only_beside_a_gpu_by_default(settings, predictor, video, tmp_path):
