@@ -15,12 +15,14 @@
 #   tiny1080-150-batched   ours only, 3 objects with SAM2_BATCH_OBJECTS=on (is batching faster?)
 #   tiny1080-150-exactdevice   ours only, 3 objects with SAM2_FRAME_RESIZE=exact-device (PIL's
 #                  resize redone bit for bit on the GPU: is it faster than PIL on the host?)
+#   paired-tiny1080   tiny, 1920x1080, 150 frames, 3 objects: Meta and ours in one process, calls
+#                  alternated (bench/paired.py; ratios a slow spell cannot skew); ~2 min
 #   tiny720-300    tiny, 1280x720, 300 frames, Meta vs ours
 #   large720-300   large, 1280x720, 300 frames, Meta vs ours
 #   first-mask     upload -> first mask over HTTP, 300 and 3000 frames (bench/first_mask.py)
 #   fidelity       our masks vs Meta's predictor on CUDA, per CUDA setting (bench/gpu_profile.py)
 #   profile-tiny1080, profile-large1080   GPU time per frame by model stage, kernels, syncs
-# BENCH_ARGS / FIRST_MASK_ARGS are appended to a cell's flags (later flags win), e.g. for a dry
+# BENCH_ARGS / FIRST_MASK_ARGS / PAIRED_ARGS are appended to a cell's flags (later flags win), e.g. for a dry
 # run on a CPU: BENCH_ARGS="--width 160 --height 120 --frames 5 --image-size 256".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +84,12 @@ cell() {
         resize=exact-device ;;
       tiny720-300)   args="--model tiny --width 1280 --height 720 --frames 300" ;;
       large720-300)  args="--model large --width 1280 --height 720 --frames 300" ;;
+      paired-tiny1080)
+        # shellcheck disable=SC2086
+        python3 bench/paired.py --model tiny --width 1920 --height 1080 --frames 150 --objects 3 \
+          --clicks 10 --propagations 2 --json "$out/$name.json" ${PAIRED_ARGS:-} 2>&1 \
+          | tee "$out/$name.txt"
+        continue ;;
       first-mask)
         python3 bench/first_mask.py --frames 300,3000 --width 1920 --height 1080 ${FIRST_MASK_ARGS:-} \
           2>&1 | tee "$out/$name.txt"
