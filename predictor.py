@@ -364,6 +364,8 @@ class LazyFrames:
                 rgb = torch.from_numpy(rgb)
         if self.upload_to.type == "cuda":
             rgb = rgb.pin_memory().to(self.upload_to, non_blocking=True)
+        elif rgb.device != self.upload_to:  # e.g. MPS with exact-device
+            rgb = rgb.to(self.upload_to)
         if self.exact_resize_on is not None:
             rgb = resize_like_pil(rgb, (self.image_size, self.image_size))
         img = self._unit[rgb.long()]
