@@ -1,8 +1,8 @@
 """Pillow's bicubic ``Image.resize`` redone with integer torch operations, bit for bit.
 
 sam2 resizes each frame with PIL before the model sees it, so a server that wants Meta's masks
-to the pixel must feed the model PIL's very bytes. PIL does this on the host: about 35 ms of CPU
-per 1080p frame at the model's 1024 input, which a GPU then waits for. Pillow's resampling is
+to the pixel must feed the model PIL's very bytes. PIL does this on the host: about 20 ms of CPU
+per 1080p frame at the model's 1024 input, host work that a GPU can end up waiting for. Pillow's resampling is
 integer arithmetic once its filter weights are known: per output sample, a sum of 8-bit inputs
 times 22-bit fixed-point weights, shifted and clipped, first along x and then along y (with the
 intermediate rounded to 8 bits). The weights are computed here in Python floats with Pillow's
