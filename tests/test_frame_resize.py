@@ -34,26 +34,33 @@ def test_model_inputs_close_to_pil(tmp_path, manager, video):
         assert fast[i].shape == exact[i].shape and fast[i].dtype == torch.float32
 
 
+def _random_jpegs(folder, seed: int):
+    """Three random 130x90 JPEG frames; their path function and sam2's own model inputs."""
+    import numpy as np
+    from PIL import Image
+    from sam2.utils.misc import load_video_frames_from_jpg_images
+
+    rng = np.random.default_rng(seed)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).save(
+            folder / f"{i:05d}.jpg", quality=90)
+    ref, _, _ = load_video_frames_from_jpg_images(str(folder), 256, offload_video_to_cpu=True,
+                                                  compute_device=torch.device("cpu"))
+    return (lambda i: folder / f"{i:05d}.jpg"), ref
+
+
 def test_exact_frames_normalised_on_device_are_bit_identical(tmp_path):
     """With CUDA, exact frames are uploaded as uint8 and normalised there (a 256-entry table of
     x / 255 in float64 rounded to float32, then the float32 subtract and divide). Here the
     "device" is the CPU: the same operations must give sam2's numbers exactly, on random
     frames of every byte value."""
     import numpy as np
-    from PIL import Image
-    from sam2.utils.misc import load_video_frames_from_jpg_images
 
-    rng = np.random.default_rng(7)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).save(
-            tmp_path / f"{i:05d}.jpg", quality=90)
-    frames = lambda i: tmp_path / f"{i:05d}.jpg"  # noqa: E731
+    frames, ref = _random_jpegs(tmp_path, 7)
     on_device = LazyFrames(3, 256, frames, normalise_on=torch.device("cpu"))
     assert on_device.upload_to is not None
     raw = on_device._read(0)
     assert raw.dtype == np.uint8  # what crosses to the GPU: a quarter of float32's bytes
-    ref, _, _ = load_video_frames_from_jpg_images(str(tmp_path), 256, offload_video_to_cpu=True,
-                                                  compute_device=torch.device("cpu"))
     for i in range(3):
         mine = on_device[i]
         assert mine.dtype == torch.float32
@@ -91,19 +98,11 @@ def test_exact_frames_resized_on_device_are_bit_identical(tmp_path):
     """SAM2_FRAME_RESIZE=exact-device: PIL decodes on the host, the full-size uint8 frame goes
     to the device and is resized and normalised there; the CPU stands in for the device."""
     import numpy as np
-    from PIL import Image
-    from sam2.utils.misc import load_video_frames_from_jpg_images
 
-    rng = np.random.default_rng(5)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).save(
-            tmp_path / f"{i:05d}.jpg", quality=90)
-    frames = lambda i: tmp_path / f"{i:05d}.jpg"  # noqa: E731
+    frames, ref = _random_jpegs(tmp_path, 5)
     on_device = LazyFrames(3, 256, frames, exact_resize_on=torch.device("cpu"))
     raw = on_device._read(0)
     assert raw.shape == (90, 130, 3) and raw.dtype == np.uint8  # not resized on the host
-    ref, _, _ = load_video_frames_from_jpg_images(str(tmp_path), 256, offload_video_to_cpu=True,
-                                                  compute_device=torch.device("cpu"))
     for i in range(3):
         assert torch.equal(on_device[i], ref[i]), i
 
