@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     feature_cache_frames: int = Field(
         4, ge=0, le=64, description="Prompted frames whose image features stay at hand per "
                                     "session, so clicking one again after a propagation skips "
-                                    "the image encoder (about 29 MiB each at image size 1024, "
+                                    "the image encoder (about 28 MiB each at image size 1024, "
                                     "1.8 MiB at 256; 0: only the last frame, as sam2)")
     writer_threads: int = Field(
         0, ge=0, le=64, description="Threads writing masks/overlays (0: from the CPU count)")
