@@ -68,9 +68,14 @@ class Settings(BaseSettings):
                              "bit for bit on the model's device (identical masks, less host "
                              "CPU); device: OpenCV decode and resize on the model's device "
                              "(masks differ); auto: the same as exact")
-    batch_objects: Literal["auto", "on", "off"] = Field(
-        "off", description="on: track objects whose memories line up as one batch (masks differ "
-                           "from Meta's in bf16 on CUDA); auto: the same as off")
+    batch_objects: Literal["auto", "exact", "on", "off"] = Field(
+        "auto", description="Objects whose memories come from the same frames go through the "
+                            "model together. exact: memory attention and the memory encoder in "
+                            "one batch, mask decoding object by object, used only where a "
+                            "start-up check shows each object gets the numbers it gets alone "
+                            "(identical masks; else off); on: the whole model in one batch "
+                            "(masks differ by rounding); off: one object at a time, as Meta's "
+                            "loop; auto: exact on the CPU, off on a GPU")
     warm_up: bool = Field(
         True, description="Run each kind of model call once at start-up, behind /health = 503, "
                           "so the first user click does not pay for CUDA set-up")

@@ -235,7 +235,9 @@ class Engine:
             if s.torch_threads:
                 torch.set_num_threads(s.torch_threads)
             t0 = time.perf_counter()
-            batch = s.batch_objects == "on"
+            batch = s.batch_objects
+            if batch == "auto":  # batched GPU kernels are not checked for exactness
+                batch = "exact" if device.type == "cpu" else "off"
             self.predictor = build_predictor(
                 s.model_config_file, path, device, s.image_size, s.fill_hole_area, batch)
             self.store.model_image_size = self.predictor.image_size
@@ -296,6 +298,7 @@ class Engine:
             "checkpoint": str(s.checkpoint_path),
             "device": str(self.predictor.device) if self.predictor is not None else s.device,
             "image_size": self.predictor.image_size if self.predictor is not None else s.image_size,
+            "object_batching": getattr(self.predictor, "object_batching", None),
             "warm_up_s": self.warm_up_s,
             "load_failures": self.load_failures,
             "next_retry_in_s": self.retry_in(),

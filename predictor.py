@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
@@ -46,6 +47,10 @@ class TrackingPredictor(SAM2VideoPredictor):
         super().__init__(*args, **kwargs)
         self.hole_area = 0
         self.batch_objects = False
+        # With batch_objects: run the prompt encoder and mask decoder object by object within
+        # a batch (their few-token matrix products round differently in a batch), so that only
+        # memory attention and the memory encoder are batched ("exact" object batching).
+        self.heads_one_by_one = False
         self._tls = threading.local()
 
     def _obj_id_to_idx(self, inference_state, obj_id):
@@ -62,8 +67,18 @@ class TrackingPredictor(SAM2VideoPredictor):
 
     def _forward_sam_heads(self, backbone_features, point_inputs=None, mask_inputs=None,
                            high_res_features=None, multimask_output=False):
-        out = super()._forward_sam_heads(backbone_features, point_inputs, mask_inputs,
-                                         high_res_features, multimask_output)
+        size = backbone_features.size(0)
+        if getattr(self._tls, "heads_alone", False) and size > 1 and point_inputs is None \
+                and mask_inputs is None:
+            # Each object's slice has the strides its one-object tensor has in Meta's loop.
+            parts = [super(TrackingPredictor, self)._forward_sam_heads(
+                backbone_features[k:k + 1], None, None,
+                None if high_res_features is None else [h[k:k + 1] for h in high_res_features],
+                multimask_output) for k in range(size)]
+            out = tuple(torch.cat(values, dim=0) for values in zip(*parts, strict=True))
+        else:
+            out = super()._forward_sam_heads(backbone_features, point_inputs, mask_inputs,
+                                             high_res_features, multimask_output)
         ious = out[2]
         self._tls.iou = ious.max(dim=-1).values if multimask_output else ious[:, 0]
         return out
@@ -190,11 +205,16 @@ class TrackingPredictor(SAM2VideoPredictor):
         _, _, feats, pos_embeds, feat_sizes = self._get_image_feature(
             inference_state, frame_idx, size)
         self._tls.iou = None
-        out = self.track_step(
-            frame_idx=frame_idx, is_init_cond_frame=False, current_vision_feats=feats,
-            current_vision_pos_embeds=pos_embeds, feat_sizes=feat_sizes, point_inputs=None,
-            mask_inputs=None, output_dict=batch_dict, num_frames=inference_state["num_frames"],
-            track_in_reverse=reverse, run_mem_encoder=True)
+        self._tls.heads_alone = self.heads_one_by_one
+        try:
+            out = self.track_step(
+                frame_idx=frame_idx, is_init_cond_frame=False, current_vision_feats=feats,
+                current_vision_pos_embeds=pos_embeds, feat_sizes=feat_sizes, point_inputs=None,
+                mask_inputs=None, output_dict=batch_dict,
+                num_frames=inference_state["num_frames"], track_in_reverse=reverse,
+                run_mem_encoder=True)
+        finally:
+            self._tls.heads_alone = False
         # As _run_single_frame_inference stores one object's output, for each of the batch.
         storage = inference_state["storage_device"]
         features = out["maskmem_features"].to(torch.bfloat16).to(storage, non_blocking=True)
@@ -477,8 +497,15 @@ def resolve_device(name: str) -> torch.device:
 
 def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
                     image_size: int | None, fill_hole_area: int,
-                    batch_objects: bool = False) -> TrackingPredictor:
-    """Build Meta's video predictor with the overrides this server relies on."""
+                    batch_objects: str | bool = "off") -> TrackingPredictor:
+    """Build Meta's video predictor with the overrides this server relies on.
+
+    ``batch_objects``: "off" tracks objects one by one, as Meta's loop; "exact" batches memory
+    attention and the memory encoder over objects whose memories line up, where
+    ``batches_exactly`` shows that gives each object the very numbers it gets alone (else
+    "off"); "on" batches the whole model (rounding differs). ``object_batching`` on the result
+    says which one holds.
+    """
     overrides = [
         f"++model._target_={TrackingPredictor.__module__}.{TrackingPredictor.__qualname__}",
         # A click on an already-tracked frame must become a conditioning frame, or the next
@@ -495,9 +522,76 @@ def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
     )
     predictor.fill_hole_area = 0  # Meta's version needs sam2._C; ours runs in TrackingPredictor
     predictor.hole_area = fill_hole_area
-    predictor.batch_objects = batch_objects
     reuse_position_encodings(predictor)
+    mode = {True: "on", False: "off"}.get(batch_objects, batch_objects)
+    if mode == "exact" and not batches_exactly(predictor):
+        logger.warning("object batching: batched memory attention or memory encoder rounds "
+                       "differently from one object at a time on this machine; objects are "
+                       "tracked one by one")
+        mode = "off"
+    predictor.object_batching = mode
+    predictor.batch_objects = mode != "off"
+    predictor.heads_one_by_one = mode == "exact"
     return predictor
+
+
+def batches_exactly(predictor: SAM2VideoPredictor) -> bool:
+    """Whether memory attention and the memory encoder give each object of a batch, bit for
+    bit, what they give it alone, on this machine's kernels.
+
+    A matrix product's rounding can depend on how its rows fall into the kernel's blocks: one
+    object has (image size / 16)^2 query rows and that many memory rows per frame, plus 4 per
+    object pointer. The check runs both modules on random inputs laid out as in tracking, with
+    1 and 2 pointers (row counts 4 and 8 past a multiple of 16), in a batch of two and one by
+    one. The answer depends on the shapes and the kernels, not on the weights: it is kept per
+    device, size and thread count.
+    """
+    device, side = predictor.device, predictor.image_size // predictor.backbone_stride
+    hw, dim, mem_dim = side * side, predictor.hidden_dim, predictor.mem_dim
+    key = (str(device), side, dim, mem_dim, torch.get_num_threads())
+    if key not in _BATCHES_EXACTLY:
+        _BATCHES_EXACTLY[key] = _batches_exactly(predictor, device, side, hw, dim, mem_dim)
+    return _BATCHES_EXACTLY[key]
+
+
+_BATCHES_EXACTLY: dict[tuple, bool] = {}
+
+
+def _batches_exactly(predictor, device, side: int, hw: int, dim: int, mem_dim: int) -> bool:
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    def image_tokens(batch: int) -> torch.Tensor:  # as _prepare_backbone_features lays them out
+        return base.expand(batch, -1, -1, -1).flatten(2).permute(2, 0, 1)
+
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else contextlib.nullcontext())  # as the server runs the model
+    with torch.inference_mode(), amp:
+        base, base_pos = rand(1, dim, side, side), rand(1, dim, side, side)
+        for pointers in (1, 2):
+            rows = hw + 4 * pointers
+            memory, memory_pos = rand(rows, 2, mem_dim), rand(rows, 2, mem_dim)
+            curr = image_tokens(2)
+            curr_pos = base_pos.expand(2, -1, -1, -1).flatten(2).permute(2, 0, 1)
+            both = predictor.memory_attention(
+                curr=[curr], curr_pos=[curr_pos], memory=memory, memory_pos=memory_pos,
+                num_obj_ptr_tokens=4 * pointers)
+            for k in range(2):
+                alone = predictor.memory_attention(
+                    curr=[image_tokens(1)], curr_pos=[curr_pos[:, k:k + 1]],
+                    memory=memory[:, k:k + 1].contiguous(),
+                    memory_pos=memory_pos[:, k:k + 1].contiguous(),
+                    num_obj_ptr_tokens=4 * pointers)
+                if not torch.equal(both[:, k:k + 1], alone):
+                    return False
+        pix = base.expand(2, -1, -1, -1)
+        masks = rand(2, 1, predictor.image_size, predictor.image_size)
+        both = predictor.memory_encoder(pix, masks, skip_mask_sigmoid=True)["vision_features"]
+        return all(torch.equal(both[k:k + 1], predictor.memory_encoder(
+            pix[k:k + 1], masks[k:k + 1], skip_mask_sigmoid=True)["vision_features"])
+            for k in range(2))
 
 
 def reuse_position_encodings(predictor: SAM2VideoPredictor) -> None:

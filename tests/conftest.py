@@ -70,10 +70,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(checkpoint):
-    """The server's predictor, built once for the whole run (it holds no per-session state)."""
+    """The server's predictor, built once for the whole run (it holds no per-session state).
+
+    As the server builds it on the CPU (SAM2_BATCH_OBJECTS=auto): objects whose memories line
+    up share memory attention and the memory encoder, so every multi-object fidelity test
+    checks that batching against Meta's one-object-at-a-time loop."""
     from predictor import build_predictor
 
-    return build_predictor(MODEL_CFG, checkpoint, torch.device("cpu"), IMAGE_SIZE, 0)
+    return build_predictor(MODEL_CFG, checkpoint, torch.device("cpu"), IMAGE_SIZE, 0, "exact")
 
 
 @pytest.fixture(scope="session")

@@ -640,3 +640,89 @@ def test_position_encodings_are_reused_and_never_changed(manager, video, predict
                 assert reused.data_ptr() == again.data_ptr()  # no copy
                 fresh = theirs._pe(1, torch.device("cpu"), *key)
                 assert torch.equal(reused, fresh), key
+
+
+# ----------------------------------------------------------------------------- 9. object batches
+def _batch_sizes(module, monkeypatch, dim: int) -> list[int]:
+    """The batch size of every call of ``module`` (its first tensor argument's ``dim``)."""
+    sizes, forward = [], module.forward
+
+    def spy(*args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        first = first[0] if isinstance(first, list) else first
+        sizes.append(first.shape[dim])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", spy)
+    return sizes
+
+
+def test_objects_batched_exactly_equal_meta_one_by_one(manager, video, predictor,
+                                                       reference_predictor, monkeypatch):
+    """Three objects tracked together (memory attention and memory encoder in one batch, mask
+    decoding per object) give Meta's one-object-at-a-time masks: 0 differing pixels, forward,
+    after a refinement that splits the batch, and backwards through spilled state."""
+    assert predictor.object_batching == "exact", "this machine's kernels should batch exactly"
+    attention = _batch_sizes(predictor.memory_attention, monkeypatch, 1)
+    decoder = _batch_sizes(predictor.sam_mask_decoder, monkeypatch, 0)
+    sid, session = open_session(manager, video)
+    n = session.info.num_frames
+    prompts = [(1, [[45, 55]]), (2, [[130, 100]]), (3, [[20, 100], [140, 20]])]
+    for obj_id, points in prompts:
+        manager.add_prompt(sid, 0, obj_id, points=points, labels=[1] * len(points))
+    manager.propagate(sid, 0, n - 1)
+    assert 3 in attention, "the three objects never went through memory attention together"
+    ours = server_masks(session, range(n))
+    manager.add_prompt(sid, 5, 2, points=[[10, 10]], labels=[0], append=True)
+    attention.clear()
+    manager.propagate(sid, 5, 0)  # object 2 now has its own prompted frame: batches of 2 and 1
+    assert sorted(set(attention)) == [1, 2]
+    assert set(decoder) == {1}, "the mask decoder must see one object at a time"
+    ours_after = server_masks(session, range(n))
+
+    state = reference_state(reference_predictor, session)
+    for obj_id, points in prompts:
+        ref_add(reference_predictor, state, 0, obj_id, points=points, labels=[1] * len(points))
+    ref = ref_propagate(reference_predictor, state, 0, n - 1)
+    assert_informative(ref, obj_ids=(1, 2, 3))
+    assert_same_labels(ours, ref)
+    ref_add(reference_predictor, state, 5, 2, points=[[10, 10]], labels=[0])
+    ref |= ref_propagate(reference_predictor, state, 5, 0)
+    assert_same_labels(ours_after, ref)
+
+
+def test_object_batching_falls_back_where_a_batch_rounds_differently(checkpoint, monkeypatch):
+    """Where the start-up check finds a batched module giving an object other numbers than it
+    gets alone, objects are tracked one by one."""
+    import predictor as predictor_mod
+
+    calls = []
+
+    def check(*args):
+        calls.append(args)
+        return False
+
+    monkeypatch.setattr(predictor_mod, "_BATCHES_EXACTLY", {})
+    monkeypatch.setattr(predictor_mod, "_batches_exactly", check)
+    built = predictor_mod.build_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", checkpoint,
+                                          torch.device("cpu"), 256, 0, "exact")
+    assert calls and built.object_batching == "off"
+    assert not built.batch_objects and not built.heads_one_by_one
+
+
+def test_the_batching_check_sees_a_batch_that_rounds_differently(predictor, monkeypatch):
+    """The check itself: a memory attention whose batched output is off by one float32 step
+    (far below anything a mask shows) is caught."""
+    import predictor as predictor_mod
+
+    forward = predictor.memory_attention.forward
+
+    def off_in_batches(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return torch.nextafter(out, out + 1) if out.shape[1] > 1 else out
+
+    monkeypatch.setattr(predictor_mod, "_BATCHES_EXACTLY", {})
+    assert predictor_mod.batches_exactly(predictor)
+    predictor_mod._BATCHES_EXACTLY.clear()
+    monkeypatch.setattr(predictor.memory_attention, "forward", off_in_batches)
+    assert not predictor_mod.batches_exactly(predictor)
