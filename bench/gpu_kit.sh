@@ -69,7 +69,7 @@ cell() {
   mkdir -p "$out"
   export PYTHONUNBUFFERED=1
   for name in "$@"; do
-    local args batch=off resize=exact
+    local args batch=auto resize=exact
     case "$name" in
       tiny1080-300)  args="--model tiny --width 1920 --height 1080 --frames 300 --objects 3" ;;
       tiny1080-3000) args="--model tiny --width 1920 --height 1080 --frames 3000 --skip-meta" ;;
