@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 _sam2_vp.tqdm = lambda iterable, *args, **kwargs: iterable
 
 IMG_MEAN = (0.485, 0.456, 0.406)
+MAX_BATCH_OBJECTS = 8
 IMG_STD = (0.229, 0.224, 0.225)
 
 
@@ -51,6 +52,9 @@ class TrackingPredictor(SAM2VideoPredictor):
         # a batch (their few-token matrix products round differently in a batch), so that only
         # memory attention and the memory encoder are batched ("exact" object batching).
         self.heads_one_by_one = False
+        # Objects per batch: the model's working memory grows with the batch (at 1024, memory
+        # attention's MLP alone holds 32 MiB per object), so larger groups go in several.
+        self.max_batch_objects = MAX_BATCH_OBJECTS
         self._tls = threading.local()
 
     def _obj_id_to_idx(self, inference_state, obj_id):
@@ -148,7 +152,10 @@ class TrackingPredictor(SAM2VideoPredictor):
                 else:
                     key = self._memory_signature(per_obj[obj_idx], frame_idx, reverse)
                     groups.setdefault(key, []).append(obj_idx)
-            for group in groups.values():
+            step = max(1, self.max_batch_objects)
+            batches = [group[k:k + step] for group in groups.values()
+                       for k in range(0, len(group), step)]
+            for group in batches:
                 outs, group_masks = self._track_objects(inference_state, group, frame_idx,
                                                         reverse)
                 for obj_idx, out, mask in zip(group, outs, group_masks, strict=True):

@@ -691,6 +691,28 @@ def test_objects_batched_exactly_equal_meta_one_by_one(manager, video, predictor
     assert_same_labels(ours_after, ref)
 
 
+def test_objects_beyond_the_batch_limit_go_in_several_batches(manager, video, predictor,
+                                                             reference_predictor, monkeypatch):
+    """The model's working memory grows with the batch, so a group larger than the limit is
+    split; the masks stay Meta's."""
+    monkeypatch.setattr(predictor, "max_batch_objects", 2)
+    attention = _batch_sizes(predictor.memory_attention, monkeypatch, 1)
+    sid, session = open_session(manager, video)
+    n = session.info.num_frames
+    prompts = [(1, [[45, 55]]), (2, [[130, 100]]), (3, [[20, 100]])]
+    for obj_id, points in prompts:
+        manager.add_prompt(sid, 0, obj_id, points=points, labels=[1])
+    manager.propagate(sid, 0, n - 1)
+    assert sorted(set(attention)) == [1, 2]
+
+    state = reference_state(reference_predictor, session)
+    for obj_id, points in prompts:
+        ref_add(reference_predictor, state, 0, obj_id, points=points, labels=[1])
+    ref = ref_propagate(reference_predictor, state, 0, n - 1)
+    assert_informative(ref, obj_ids=(1, 2, 3))
+    assert_same_labels(server_masks(session, range(n)), ref)
+
+
 def test_object_batching_falls_back_where_a_batch_rounds_differently(checkpoint, monkeypatch):
     """Where the start-up check finds a batched module giving an object other numbers than it
     gets alone, objects are tracked one by one."""
