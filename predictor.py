@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 _sam2_vp.tqdm = lambda iterable, *args, **kwargs: iterable
 
 IMG_MEAN = (0.485, 0.456, 0.406)
-MAX_BATCH_OBJECTS = 8
 IMG_STD = (0.229, 0.224, 0.225)
+MAX_BATCH_OBJECTS = 8
 
 
 class TrackingPredictor(SAM2VideoPredictor):
@@ -513,6 +513,9 @@ def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
     "off"); "on" batches the whole model (rounding differs). ``object_batching`` on the result
     says which one holds.
     """
+    mode = {True: "on", False: "off"}.get(batch_objects, batch_objects)
+    if mode not in ("off", "on", "exact"):
+        raise ValueError(f"batch_objects must be off, on or exact, not {batch_objects!r}")
     overrides = [
         f"++model._target_={TrackingPredictor.__module__}.{TrackingPredictor.__qualname__}",
         # A click on an already-tracked frame must become a conditioning frame, or the next
@@ -530,7 +533,6 @@ def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
     predictor.fill_hole_area = 0  # Meta's version needs sam2._C; ours runs in TrackingPredictor
     predictor.hole_area = fill_hole_area
     reuse_position_encodings(predictor)
-    mode = {True: "on", False: "off"}.get(batch_objects, batch_objects)
     if mode == "exact" and not batches_exactly(predictor):
         logger.warning("object batching: batched memory attention or memory encoder rounds "
                        "differently from one object at a time on this machine; objects are "

@@ -12,7 +12,8 @@
 #   tiny1080-3000  tiny, 1920x1080, 3000 frames, ours only (Meta's init_state needs ~36 GB of frames)
 #   large1080-300  large, 1920x1080, 300 frames, 1 object, Meta vs ours
 #   tiny1080-150, large1080-150   the same, 150 frames (a short device lease)
-#   tiny1080-150-batched   ours only, 3 objects with SAM2_BATCH_OBJECTS=on (is batching faster?)
+#   tiny1080-150-batched   ours only, 3 objects with SAM2_BATCH_OBJECTS=exact (is it faster on
+#                  the GPU? used only where its start-up check passes: see fidelity's row)
 #   tiny1080-150-exactdevice   ours only, 3 objects with SAM2_FRAME_RESIZE=exact-device (PIL's
 #                  resize redone bit for bit on the GPU: is it faster than PIL on the host?)
 #   paired-tiny1080   tiny, 1920x1080, 150 frames, 3 objects: Meta and ours in one process, calls
@@ -76,9 +77,9 @@ cell() {
       large1080-300) args="--model large --width 1920 --height 1080 --frames 300" ;;
       tiny1080-150)  args="--model tiny --width 1920 --height 1080 --frames 150 --objects 3" ;;
       large1080-150) args="--model large --width 1920 --height 1080 --frames 150" ;;
-      tiny1080-150-batched)  # ours only, objects tracked as one batch (masks differ in bf16)
+      tiny1080-150-batched)  # ours only, memory attention and memory encoder over objects
         args="--model tiny --width 1920 --height 1080 --frames 150 --objects 3 --skip-meta"
-        batch=on ;;
+        batch=exact ;;
       tiny1080-150-exactdevice)  # ours only, frames resized on the GPU with Pillow's arithmetic
         args="--model tiny --width 1920 --height 1080 --frames 150 --objects 3 --skip-meta"
         resize=exact-device ;;
