@@ -47,15 +47,23 @@ class TrackingPredictor(SAM2VideoPredictor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hole_area = 0
-        self.batch_objects = False
-        # With batch_objects: run the prompt encoder and mask decoder object by object within
-        # a batch (their few-token matrix products round differently in a batch), so that only
-        # memory attention and the memory encoder are batched ("exact" object batching).
-        self.heads_one_by_one = False
+        # "off": one object at a time, as Meta's loop; "on": objects whose memories line up
+        # go through the whole model as one batch; "exact": only memory attention and the
+        # memory encoder do, and the prompt encoder and mask decoder run object by object
+        # (their few-token matrix products round differently in a batch).
+        self.object_batching = "off"
         # Objects per batch: the model's working memory grows with the batch (at 1024, memory
         # attention's MLP alone holds 32 MiB per object), so larger groups go in several.
         self.max_batch_objects = MAX_BATCH_OBJECTS
         self._tls = threading.local()
+
+    @property
+    def batch_objects(self) -> bool:
+        return self.object_batching != "off"
+
+    @property
+    def heads_one_by_one(self) -> bool:
+        return self.object_batching == "exact"
 
     def _obj_id_to_idx(self, inference_state, obj_id):
         obj_idx = super()._obj_id_to_idx(inference_state, obj_id)
@@ -539,8 +547,6 @@ def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
                        "tracked one by one")
         mode = "off"
     predictor.object_batching = mode
-    predictor.batch_objects = mode != "off"
-    predictor.heads_one_by_one = mode == "exact"
     return predictor
 
 
@@ -555,18 +561,19 @@ def batches_exactly(predictor: SAM2VideoPredictor) -> bool:
     one. The answer depends on the shapes and the kernels, not on the weights: it is kept per
     device, size and thread count.
     """
-    device, side = predictor.device, predictor.image_size // predictor.backbone_stride
-    hw, dim, mem_dim = side * side, predictor.hidden_dim, predictor.mem_dim
-    key = (str(device), side, dim, mem_dim, torch.get_num_threads())
+    key = (str(predictor.device), predictor.image_size, predictor.hidden_dim,
+           predictor.mem_dim, torch.get_num_threads())
     if key not in _BATCHES_EXACTLY:
-        _BATCHES_EXACTLY[key] = _batches_exactly(predictor, device, side, hw, dim, mem_dim)
+        _BATCHES_EXACTLY[key] = _batches_exactly(predictor)
     return _BATCHES_EXACTLY[key]
 
 
 _BATCHES_EXACTLY: dict[tuple, bool] = {}
 
 
-def _batches_exactly(predictor, device, side: int, hw: int, dim: int, mem_dim: int) -> bool:
+def _batches_exactly(predictor: SAM2VideoPredictor) -> bool:
+    device, side = predictor.device, predictor.image_size // predictor.backbone_stride
+    hw, dim, mem_dim = side * side, predictor.hidden_dim, predictor.mem_dim
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
