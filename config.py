@@ -76,6 +76,12 @@ class Settings(BaseSettings):
                             "(identical masks; else off); on: the whole model in one batch "
                             "(masks differ by rounding); off: one object at a time, as Meta's "
                             "loop; auto: exact on the CPU, off on a GPU")
+    window_padding: Literal["auto", "skip", "compute"] = Field(
+        "auto", description="Where Hiera's attention windows overrun the feature map (tiny and "
+                            "small), sam2 projects the zero padding too. skip: project only the "
+                            "real rows, used only where a start-up check shows the image "
+                            "encoder's output is the same to the bit (identical masks; else "
+                            "compute); compute: as sam2; auto: skip on the CPU, compute on a GPU")
     warm_up: bool = Field(
         True, description="Run each kind of model call once at start-up, behind /health = 503, "
                           "so the first user click does not pay for CUDA set-up")

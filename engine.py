@@ -238,8 +238,12 @@ class Engine:
             batch = s.batch_objects
             if batch == "auto":  # batched GPU kernels are not checked for exactness
                 batch = "exact" if device.type == "cpu" else "off"
+            padding = s.window_padding
+            if padding == "auto":  # nor are the GPU's matrix products, row by row
+                padding = "skip" if device.type == "cpu" else "compute"
             self.predictor = build_predictor(
-                s.model_config_file, path, device, s.image_size, s.fill_hole_area, batch)
+                s.model_config_file, path, device, s.image_size, s.fill_hole_area, batch,
+                padding)
             self.store.model_image_size = self.predictor.image_size
             logger.info("SAM 2 %s loaded on %s in %.1fs", s.model, device,
                         time.perf_counter() - t0)
@@ -299,6 +303,7 @@ class Engine:
             "device": str(self.predictor.device) if self.predictor is not None else s.device,
             "image_size": self.predictor.image_size if self.predictor is not None else s.image_size,
             "object_batching": getattr(self.predictor, "object_batching", None),
+            "window_padding": getattr(self.predictor, "window_padding", None),
             "warm_up_s": self.warm_up_s,
             "load_failures": self.load_failures,
             "next_retry_in_s": self.retry_in(),

@@ -23,6 +23,7 @@ from sam2.sam2_video_predictor import SAM2VideoPredictor
 from exact_resize import resize_like_pil
 from state_store import SpillingFrameOutputs
 from timing import STAGES
+from window_attention import padded_blocks, skip_window_padding
 
 logger = logging.getLogger(__name__)
 
@@ -512,7 +513,8 @@ def resolve_device(name: str) -> torch.device:
 
 def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
                     image_size: int | None, fill_hole_area: int,
-                    batch_objects: str | bool = "off") -> TrackingPredictor:
+                    batch_objects: str | bool = "off",
+                    window_padding: str = "compute") -> TrackingPredictor:
     """Build Meta's video predictor with the overrides this server relies on.
 
     ``batch_objects``: "off" tracks objects one by one, as Meta's loop; "exact" batches memory
@@ -520,7 +522,15 @@ def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
     ``batches_exactly`` shows that gives each object the very numbers it gets alone (else
     "off"); "on" batches the whole model (rounding differs). ``object_batching`` on the result
     says which one holds.
+
+    ``window_padding``: "skip" leaves the padded rows of Hiera's windows out of the attention
+    projections wherever a start-up check shows the image encoder's output stays the same to
+    the bit (``window_attention``); "compute" runs them, as sam2. ``window_padding`` on the
+    result says which holds: "skip", "compute", or "none" where no window needs padding at
+    this image size.
     """
+    if window_padding not in ("skip", "compute"):
+        raise ValueError(f"window_padding must be skip or compute, not {window_padding!r}")
     mode = {True: "on", False: "off"}.get(batch_objects, batch_objects)
     if mode not in ("off", "on", "exact"):
         raise ValueError(f"batch_objects must be off, on or exact, not {batch_objects!r}")
@@ -541,6 +551,7 @@ def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
     predictor.fill_hole_area = 0  # Meta's version needs sam2._C; ours runs in TrackingPredictor
     predictor.hole_area = fill_hole_area
     reuse_position_encodings(predictor)
+    predictor.window_padding = _window_padding(predictor, window_padding)
     if mode == "exact" and not batches_exactly(predictor):
         logger.warning("object batching: batched memory attention or memory encoder rounds "
                        "differently from one object at a time on this machine; objects are "
@@ -548,6 +559,16 @@ def build_predictor(config_file: str, checkpoint: Path, device: torch.device,
         mode = "off"
     predictor.object_batching = mode
     return predictor
+
+
+def _window_padding(predictor: SAM2VideoPredictor, wanted: str) -> str:
+    blocks = padded_blocks(predictor, predictor.image_size)
+    if not blocks:
+        return "none"
+    if wanted == "compute":
+        return "compute"
+    skipped = skip_window_padding(predictor, predictor.image_size, predictor.device)
+    return "skip" if skipped else "compute"
 
 
 def batches_exactly(predictor: SAM2VideoPredictor) -> bool:

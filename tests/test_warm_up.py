@@ -43,6 +43,7 @@ def test_warm_up_runs_behind_health_and_changes_no_mask(settings, manager, tmp_p
         assert "warm-up" in seen[0]["detail"]
         assert warm.health()["warm_up_s"] >= 0
         assert warm.health()["object_batching"] == "exact"  # SAM2_BATCH_OBJECTS=auto, CPU
+        assert warm.health()["window_padding"] == "skip"  # SAM2_WINDOW_PADDING=auto, CPU
 
         # The warm-up's throwaway state leaves no trace: the same masks as a predictor that
         # never ran it (the shared test predictor), byte for byte.
