@@ -75,7 +75,8 @@ class Settings(BaseSettings):
                             "start-up check shows each object gets the numbers it gets alone "
                             "(identical masks; else off); on: the whole model in one batch "
                             "(masks differ by rounding); off: one object at a time, as Meta's "
-                            "loop; auto: exact on the CPU, off on a GPU")
+                            "loop; auto: exact on the CPU below an image size of 512 (where it "
+                            "is faster), else off")
     window_padding: Literal["auto", "skip", "compute"] = Field(
         "auto", description="Where Hiera's attention windows overrun the feature map (tiny and "
                             "small), sam2 projects the zero padding too. skip: project only the "

@@ -235,15 +235,9 @@ class Engine:
             if s.torch_threads:
                 torch.set_num_threads(s.torch_threads)
             t0 = time.perf_counter()
-            batch = s.batch_objects
-            if batch == "auto":  # batched GPU kernels are not checked for exactness
-                batch = "exact" if device.type == "cpu" else "off"
-            padding = s.window_padding
-            if padding == "auto":  # nor are the GPU's matrix products, row by row
-                padding = "skip" if device.type == "cpu" else "compute"
             self.predictor = build_predictor(
-                s.model_config_file, path, device, s.image_size, s.fill_hole_area, batch,
-                padding)
+                s.model_config_file, path, device, s.image_size, s.fill_hole_area,
+                s.batch_objects, s.window_padding)
             self.store.model_image_size = self.predictor.image_size
             logger.info("SAM 2 %s loaded on %s in %.1fs", s.model, device,
                         time.perf_counter() - t0)
