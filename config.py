@@ -78,9 +78,9 @@ class Settings(BaseSettings):
                             "loop; auto: exact on the CPU below an image size of 512 (where it "
                             "is faster), else off")
     window_padding: Literal["auto", "skip", "compute"] = Field(
-        "auto", description="Where Hiera's attention windows overrun the feature map (tiny and "
-                            "small), sam2 projects the zero padding too. skip: project only the "
-                            "real rows, used only where a start-up check shows the image "
+        "auto", description="Where Hiera's attention windows overrun the feature map (tiny, "
+                            "small, base+), sam2 projects the zero padding too. skip: project "
+                            "the real rows only, where a start-up check shows the image "
                             "encoder's output is the same to the bit (identical masks; else "
                             "compute); compute: as sam2; auto: skip on the CPU, compute on a GPU")
     warm_up: bool = Field(

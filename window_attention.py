@@ -1,13 +1,13 @@
 """Hiera's windowed attention without the matrix products on its padding: sam2's numbers, less work.
 
 Hiera attends within windows of w x w tokens. Where a feature map's side is not a multiple of
-w (hiera-tiny and -small: 14-token windows over a 64x64 map at 1024, over 16x16 at 256), sam2
-pads the map with zeros and runs the attention's qkv and output projections over every padded
-row: at 256, 784 rows for 256 tokens. A padded row's qkv is the projection of zeros, the same
-for every padded row, and its output row is thrown away. Here the projections run on the real
-rows only; the windows are assembled with that one projected zero row in the padding, and the
-output projection runs on the real rows taken back out of the windows. Attention itself is
-unchanged (padded keys still take part, as in sam2).
+w (hiera-tiny, -small and -base+: 14-token windows over a 64x64 map at 1024, over 16x16 at
+256), sam2 pads the map with zeros and runs the attention's qkv and output projections over
+every padded row: at 256, 784 rows for 256 tokens. A padded row's qkv is the projection of
+zeros, the same for every padded row, and its output row is thrown away. Here the projections
+run on the real rows only; the windows are assembled with that one projected zero row in the
+padding, and the output projection runs on the real rows taken back out of the windows.
+Attention itself is unchanged (padded keys still take part, as in sam2).
 
 The attention sees the very same numbers provided a matrix product gives a row the same value
 whatever the other rows are. That holds for the CPU kernels measured (MKL, contiguous inputs),
