@@ -575,8 +575,7 @@ def _window_padding(predictor: SAM2VideoPredictor, wanted: str) -> str:
         return "none"
     if wanted == "compute":
         return "compute"
-    skipped = skip_window_padding(predictor, predictor.image_size, predictor.device)
-    return "skip" if skipped else "compute"
+    return "skip" if skip_window_padding(blocks, predictor.device) else "compute"
 
 
 def batches_exactly(predictor: SAM2VideoPredictor) -> bool:

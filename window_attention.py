@@ -126,11 +126,11 @@ def padded_blocks(model: torch.nn.Module, image_size: int) -> list[tuple[MultiSc
             and side % block.window_size != 0]
 
 
-def skip_window_padding(model: torch.nn.Module, image_size: int, device: torch.device) -> int:
-    """Let each Hiera block whose windows need padding at ``image_size`` skip it, where a check
+def skip_window_padding(blocks: list[tuple[MultiScaleBlock, int]], device: torch.device) -> int:
+    """Let each of ``blocks`` (as ``padded_blocks`` lists them) skip its padding, where a check
     on this device shows the output stays the same to the bit; the number of blocks that do."""
     skipped, checked = 0, {}
-    for block, side in padded_blocks(model, image_size):
+    for block, side in blocks:
         block.__class__ = PaddingFreeBlock
         # Exactness depends on the kernels and the shapes, not on the weights: one block per
         # kind of shape is checked.
